@@ -1,0 +1,263 @@
+"""The `infopt` command: thin wrappers that parse, call the library, and print."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from infopt import __version__
+from infopt.cli.output import err_console, human_bytes, out_console, print_json, progress_bar, warn
+from infopt.errors import InfoptError, QualityGateError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Quantize, verify and run Hugging Face causal language models.")
+convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints from other tools to Hugging Face format.")
+app.add_typer(convert_app, name="convert")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out_console.print(f"infopt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version.")) -> None:
+    pass
+
+
+@convert_app.command("llama2c")
+def convert_llama2c(
+    src: Path = typer.Argument(..., help="llama2.c checkpoint (.bin, legacy or versioned format)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="SentencePiece tokenizer .model file."),
+    out: Path = typer.Option(..., "--out", help="Output folder (Hugging Face format)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Convert a llama2.c checkpoint to a Hugging Face LlamaForCausalLM folder."""
+    from infopt.workflows import convert_llama2c as run
+
+    result = run(src, tokenizer, out, force)
+    if json_out:
+        print_json(result)
+    else:
+        p = result["params"]
+        out_console.print(f"wrote {out} (dim {p['dim']}, {p['n_layers']} layers, vocab {p['vocab_size']})")
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="Model folder or hub id."),
+    method: str = typer.Option("rtn", "--method", help="Quantization method (rtn)."),
+    bits: int = typer.Option(4, "--bits", help="Bits per weight: 2, 3, 4 or 8."),
+    group_size: int = typer.Option(128, "--group-size", help="Inputs per scale; -1 for one scale per output channel."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (no zero point) or asymmetric."),
+    ignore: list[str] = typer.Option([], "--ignore", help="Regex of modules to leave in full precision (repeatable)."),
+    override: list[str] = typer.Option([], "--override", help="REGEX=BITS[:GROUP][:sym|asym] or REGEX=skip (repeatable)."),
+    include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize lm_head too."),
+    fmt: str = typer.Option("compressed-tensors", "--format", help="Output format (compressed-tensors)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
+    eval_dataset: Optional[str] = typer.Option(None, "--eval", help="Measure perplexity vs the source on this dataset and record it in the model card."),
+    eval_max_windows: Optional[int] = typer.Option(None, "--eval-max-windows", help="Limit the windows --eval uses."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) source weights."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Quantize a model's decoder linears and write a packed checkpoint."""
+    from infopt.formats.safetensors_io import parse_size
+    from infopt.quant.spec import QuantSpec, parse_override
+    from infopt.workflows import QuantizeRequest, quantize as run
+
+    spec = QuantSpec(bits, group_size, sym)
+    req = QuantizeRequest(model=model, spec=spec, out=out, fmt=fmt, method=method, ignore=list(ignore),
+                          overrides=[parse_override(o, spec) for o in override], include_lm_head=include_lm_head,
+                          force=force, dry_run=dry_run, max_shard_bytes=parse_size(max_shard_size),
+                          allow_pickle=allow_pickle, eval_dataset=eval_dataset, eval_max_windows=eval_max_windows)
+    if not dry_run and out is None:
+        raise InfoptError("--out is required unless --dry-run")
+    with progress_bar(not json_out) as progress:
+        report = run(req, progress)
+    if json_out:
+        print_json(report)
+        return
+    for message in report["warnings"]:
+        warn(message)
+    _print_plan(report)
+    if dry_run:
+        return
+    out_console.print(f"wrote {report['out']} ({human_bytes(report['output_bytes'])}, {report['seconds']:.1f} s)")
+    if "eval" in report:
+        _print_eval(report["eval"])
+
+
+def _print_plan(report: dict) -> None:
+    table = Table(title=f"{report['method']} -> {report['format']}  ({report['spec']})")
+    for column in ("module", "shape", "scheme"):
+        table.add_column(column)
+    errors = report.get("relative_weight_error", {})
+    if errors:
+        table.add_column("rel. weight MSE", justify="right")
+    for e in report["quantized"]:
+        row = [e["module"], "x".join(map(str, e["shape"])), e["spec"]]
+        if errors:
+            row.append(f"{errors.get(e['module'], float('nan')):.2e}")
+        table.add_row(*row)
+    for e in report["skipped"]:
+        table.add_row(e["module"], "", f"[yellow]full precision[/yellow] ({e['reason']})", *([""] if errors else []))
+    out_console.print(table)
+    out_console.print(f"linear weights: {human_bytes(report['source_linear_bytes'])} -> "
+                      f"about {human_bytes(report['expected_linear_bytes'])}")
+
+
+def _print_eval(r: dict) -> None:
+    table = Table(title=f"perplexity on {r.get('dataset')} ({r['windows']} windows x {r['seq_len']} tokens)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("perplexity", f"{r['ppl']:.4f}")
+    table.add_row("tokens scored", str(r["tokens"]))
+    if "baseline_ppl" in r:
+        table.add_row("baseline perplexity", f"{r['baseline_ppl']:.4f}")
+        table.add_row("relative change", f"{r['ppl_delta_rel']:+.4%}")
+        table.add_row("KL(baseline || model)", f"{r['kl_mean']:.6f}")
+        table.add_row("top-1 agreement", f"{r['top1_agreement']:.4%}")
+    out_console.print(table)
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="Model folder (any format infopt reads) or hub id."),
+    dataset: str = typer.Option(..., "--dataset", help="wikitext2, tinystories, a .txt/.raw/.jsonl/.parquet file, or hf:NAME[:CONFIG][:SPLIT]."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Reference model for relative perplexity, KL and top-1."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length (default min(2048, model max))."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Sliding-window stride (default: non-overlapping)."),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Evaluate at most this many windows."),
+    text_field: str = typer.Option("text", "--text-field", help="Field or column for .jsonl/.parquet/hf datasets."),
+    max_ppl_delta: Optional[float] = typer.Option(None, "--max-ppl-delta", help="Exit 1 when the relative perplexity increase exceeds this (needs --baseline)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Perplexity of a model, optionally against a baseline model."""
+    from infopt.workflows import evaluate_checkpoint
+
+    if max_ppl_delta is not None and baseline is None:
+        raise InfoptError("--max-ppl-delta needs --baseline")
+    with progress_bar(not json_out) as progress:
+        report = evaluate_checkpoint(model, dataset, baseline, seq_len, stride, max_windows, text_field,
+                                     allow_pickle, progress)
+    if json_out:
+        print_json(report)
+    else:
+        _print_eval(report)
+    if max_ppl_delta is not None and report["ppl_delta_rel"] > max_ppl_delta:
+        raise QualityGateError(f"relative perplexity change {report['ppl_delta_rel']:+.4%} exceeds the limit {max_ppl_delta:+.4%}")
+
+
+@app.command()
+def run(
+    model: str = typer.Argument(..., help="Model folder (any format infopt writes) or hub id."),
+    prompt: str = typer.Option("", "--prompt", help="Prompt text (empty: start from BOS)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    top_k: int = typer.Option(0, "--top-k", min=0),
+    seed: int = typer.Option(0, "--seed"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+) -> None:
+    """Generate text from a checkpoint."""
+    from infopt.workflows import generate_text
+
+    def stream(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if not json_out:
+        sys.stdout.write(prompt)
+    result = generate_text(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, allow_pickle,
+                           None if json_out else stream)
+    if json_out:
+        print_json(result)
+    else:
+        sys.stdout.write("\n")
+        err_console.print(f"{result['new_tokens']} tokens, {result['tokens_per_second']:.1f} tok/s", highlight=False)
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="Model folder, config.json path, or hub id (only config.json is read)."),
+    context: Optional[int] = typer.Option(None, "--context", help="Tokens per sequence for the KV-cache estimate."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Sequences for the KV-cache estimate."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Parameter count, weight memory per format and KV-cache size, from config.json alone."""
+    from infopt.eval.footprint import footprint
+    from infopt.models.loading import load_config_only
+
+    config = load_config_only(model)
+    try:
+        report = footprint(config, context, batch)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise InfoptError(f"config.json lacks what the estimate needs ({exc.__class__.__name__}: {exc})") from None
+    if json_out:
+        print_json(report)
+        return
+    out_console.print(f"{report['model_type']}: {report['parameters']:,} parameters, {report['layers']} layers, "
+                      f"{report['attention_heads']} heads ({report['kv_heads']} KV heads, head dim {report['head_dim']})")
+    table = Table(title="weights")
+    table.add_column("storage")
+    table.add_column("bytes", justify="right")
+    for name, size in report["weight_bytes"].items():
+        table.add_row(name, human_bytes(size))
+    out_console.print(table)
+    kv = report["kv_cache"]
+    out_console.print(f"KV cache (fp16): {human_bytes(kv['bytes_per_token'])} per token; "
+                      f"{human_bytes(kv['bytes'])} for {kv['context']} tokens x batch {kv['batch']}")
+    if report["quantization_config"]:
+        out_console.print(f"quantization_config: {report['quantization_config']}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("out/demo"), "--out", help="Folder for the demo's checkpoints."),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Limit evaluation windows."),
+    force: bool = typer.Option(True, "--force/--no-force", help="Replace earlier demo outputs."),
+) -> None:
+    """Convert stories260K, quantize it to int8 and int4, compare perplexity, and generate."""
+    from infopt.demo import run_demo
+
+    run_demo(out, max_windows, force)
+
+
+def main() -> None:
+    debug = os.environ.get("INFOPT_DEBUG")
+    try:
+        app(standalone_mode=False)
+    except InfoptError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and anything unforeseen
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # click's usage errors (typer may vendor click)
+            if type(exc).__name__ != "NoArgsIsHelpError":  # help was already printed
+                exc.show()
+            sys.exit(exc.exit_code)
+        if debug:
+            raise
+        err_console.print(f"[red]internal error:[/red] {exc.__class__.__name__}: {exc} (set INFOPT_DEBUG=1 for a traceback)",
+                          highlight=False, soft_wrap=True)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""What every infopt checkpoint carries besides weights: copied side files, a model card, a manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from infopt import __version__
+from infopt.paths import sha256_file
+
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+              "added_tokens.json", "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
+MANIFEST = "infopt-manifest.json"
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def write_config(dst: Path, config: dict) -> None:
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_model_card(dst: Path, info: dict) -> None:
+    """A README.md stating how the checkpoint was made (no timestamps: outputs stay reproducible)."""
+    lines = [
+        "---",
+        "tags: [infopt, quantized]",
+        "---",
+        f"# {info['name']}",
+        "",
+        f"Quantized from `{info['source']}` with infopt {__version__}.",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {key} | {value} |" for key, value in info["settings"].items()]
+    if info.get("skipped"):
+        lines += ["", "Left in full precision: " + ", ".join(f"`{m}`" for m in info["skipped"]) + "."]
+    if info.get("metrics"):
+        lines += ["", "## Measured quality", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {key} | {value} |" for key, value in info["metrics"].items()]
+    lines += ["", "Load with `transformers` (needs `compressed-tensors`) or `infopt eval` / `infopt run`.", ""]
+    (dst / "README.md").write_text("\n".join(lines))
+
+
+def write_manifest(dst: Path) -> dict:
+    files = {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(dst.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"infopt_version": __version__, "files": files}
+    (dst / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest

@@ -1,0 +1,137 @@
+"""compressed-tensors `pack-quantized` checkpoints: writer and reader.
+
+Layout per quantized linear `M` (compressed-tensors v0.19, as llm-compressor writes it):
+  M.weight_packed      int32 [out, ceil(in*b/32)]   codes packed along the input dimension
+  M.weight_scale       dtype [out, groups]          (groups = 1 for per-channel)
+  M.weight_zero_point  int32 [ceil(out*b/32), groups]  asymmetric only, packed along the output dim
+  M.weight_shape       int64 [2]                    (out, in)
+config.json carries `quantization_config` with quant_method "compressed-tensors", format
+"pack-quantized", config_groups (targets + weight args) and the `ignore` list of linears left dense.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from infopt.errors import InfoptError
+from infopt.formats.packing import pack_int32, unpack_int32
+from infopt.formats.safetensors_io import ShardedWriter, load_tensors
+from infopt.quant.rtn import QuantizedWeight
+from infopt.quant.spec import QuantSpec
+
+QUANT_METHOD = "compressed-tensors"
+FORMAT = "pack-quantized"
+# The compressed-tensors release whose layout this module writes (see module docstring).
+LAYOUT_VERSION = "0.19.0"
+_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
+def weight_args(spec: QuantSpec) -> dict:
+    return {
+        "num_bits": spec.bits,
+        "type": "int",
+        "symmetric": spec.symmetric,
+        "group_size": None if spec.group_size == -1 else spec.group_size,
+        "strategy": "channel" if spec.group_size == -1 else "group",
+        "block_structure": None,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
+
+
+def quantization_config(module_specs: dict[str, QuantSpec], ignore: list[str]) -> dict:
+    """One config group per distinct spec; a single spec targets every Linear not ignored."""
+    by_spec: dict[QuantSpec, list[str]] = {}
+    for module, spec in module_specs.items():
+        by_spec.setdefault(spec, []).append(module)
+    ordered = sorted(by_spec.items(), key=lambda kv: -len(kv[1]))
+    groups = {}
+    for i, (spec, modules) in enumerate(ordered):
+        targets = ["Linear"] if len(ordered) == 1 else [f"re:^{re.escape(m)}$" for m in modules]
+        groups[f"group_{i}"] = {
+            "targets": targets,
+            "weights": weight_args(spec),
+            "input_activations": None,
+            "output_activations": None,
+            "format": FORMAT,
+        }
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": sorted(ignore),
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "version": LAYOUT_VERSION,
+    }
+
+
+def write_weights(
+    writer: ShardedWriter, items: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]
+) -> dict[str, QuantSpec]:
+    """Add tensors to the writer; quantized `X.weight` items become the packed tensor set."""
+    specs: dict[str, QuantSpec] = {}
+    for name, value in items:
+        if not isinstance(value, QuantizedWeight):
+            writer.add(name, value)
+            continue
+        module = name.removesuffix(".weight")
+        spec = value.spec
+        writer.add(f"{module}.weight_packed", pack_int32(value.codes, spec.bits, dim=1))
+        writer.add(f"{module}.weight_scale", value.scale)
+        if value.zero is not None:
+            writer.add(f"{module}.weight_zero_point", pack_int32(value.zero, spec.bits, dim=0))
+        writer.add(f"{module}.weight_shape", torch.tensor(value.shape, dtype=torch.int64))
+        specs[module] = spec
+    return specs
+
+
+def _spec_from_args(args: dict) -> QuantSpec:
+    if args.get("type", "int") != "int" or args.get("dynamic"):
+        raise InfoptError(f"unsupported compressed-tensors weight scheme: {args}")
+    group = args.get("group_size")
+    strategy = args.get("strategy")
+    if strategy not in ("group", "channel"):
+        raise InfoptError(f"unsupported compressed-tensors strategy {strategy!r}")
+    return QuantSpec(int(args["num_bits"]), group if strategy == "group" and group else -1, bool(args.get("symmetric", True)))
+
+
+def _matches(target: str, module: str) -> bool:
+    if target.startswith("re:"):
+        return re.match(target[3:], module) is not None
+    return target == "Linear" or module == target or module.endswith("." + target)
+
+
+def spec_for_module(qconfig: dict, module: str) -> QuantSpec:
+    for group in qconfig.get("config_groups", {}).values():
+        if any(_matches(t, module) for t in group.get("targets", [])):
+            return _spec_from_args(group["weights"])
+    raise InfoptError(f"compressed-tensors config has no scheme for packed module {module}")
+
+
+def read_quantized(files: list[Path], qconfig: dict) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+    """Split a checkpoint into quantized weights (by `X.weight` name) and dense tensors."""
+    if qconfig.get("format", FORMAT) != FORMAT:
+        raise InfoptError(f"unsupported compressed-tensors format {qconfig.get('format')!r} (only {FORMAT})")
+    tensors = load_tensors(files)
+    modules = sorted({n.rsplit(".", 1)[0] for n in tensors if n.endswith(".weight_packed")})
+    quantized = {}
+    for module in modules:
+        spec = spec_for_module(qconfig, module)
+        out_f, in_f = (int(v) for v in tensors.pop(f"{module}.weight_shape").tolist())
+        codes = unpack_int32(tensors.pop(f"{module}.weight_packed"), spec.bits, in_f, dim=1)
+        scale = tensors.pop(f"{module}.weight_scale")
+        zero = tensors.pop(f"{module}.weight_zero_point", None)
+        if zero is not None:
+            zero = unpack_int32(zero, spec.bits, out_f, dim=0)
+        elif not spec.symmetric:
+            raise InfoptError(f"{module}: asymmetric scheme but no weight_zero_point")
+        quantized[f"{module}.weight"] = QuantizedWeight(codes, scale, zero, spec)
+    return quantized, tensors

@@ -1,0 +1,75 @@
+"""Where the bundled real data lives and how outputs reach disk safely."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from infopt.errors import InfoptError
+
+DATA_DIR_ENV = "INFOPT_DATA_DIR"
+
+
+def data_dir() -> Path | None:
+    """The shared data directory: $INFOPT_DATA_DIR, else a `shared/data` beside a parent folder."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env)
+    starts = [Path.cwd(), Path(__file__).resolve().parent]
+    for start in starts:
+        for folder in [start, *start.parents]:
+            candidate = folder.parent / "shared" / "data"
+            if (candidate / "README.md").is_file():
+                return candidate
+    return None
+
+
+def require_data_file(relative: str) -> Path:
+    root = data_dir()
+    path = root / relative if root else None
+    if path is None or not path.is_file():
+        raise InfoptError(
+            f"data file {relative!r} not found; set {DATA_DIR_ENV} to the folder that holds it"
+        )
+    return path
+
+
+def check_output_target(target: Path, force: bool) -> None:
+    if target.exists() and not force:
+        raise InfoptError(f"output {target} already exists (use --force to replace it)")
+    if not target.parent.exists():
+        raise InfoptError(f"parent folder of output {target} does not exist")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(target: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; move it into place only if the block succeeds."""
+    target = Path(target)
+    check_output_target(target, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.chmod(tmp, 0o755)
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "previous")
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

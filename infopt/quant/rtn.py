@@ -1,0 +1,83 @@
+"""Round-to-nearest quantization and the quantized-weight container every method produces.
+
+Conventions (those of GPTQ's reference code and of compressed-tensors): integer codes are signed,
+q in [-2^(b-1), 2^(b-1)-1]; w ~ (q - z) * s. Symmetric: z = 0 and s = absmax / (2^(b-1) - 1/2)
+(the GPTQ paper's 2*absmax/(2^b - 1)); asymmetric: s = (max - min) / (2^b - 1) with the range
+widened to include 0, and z = round(qmin - min / s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from infopt.quant.spec import QuantSpec
+
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor  # int8 [out, in], signed levels
+    scale: torch.Tensor  # [out, groups], storage dtype (the source weight's dtype)
+    zero: torch.Tensor | None  # int8 [out, groups], None when symmetric
+    spec: QuantSpec
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """Weights in the scale's dtype, computed the way compressed-tensors computes them."""
+        out_f, in_f = self.codes.shape
+        groups = self.scale.shape[1]
+        width = in_f // groups
+        levels = self.codes.reshape(out_f, groups, width).to(self.scale.dtype)
+        if self.zero is not None:
+            levels = levels - self.zero.to(self.scale.dtype).unsqueeze(-1)
+        return (levels * self.scale.unsqueeze(-1)).reshape(out_f, in_f)
+
+
+def _grouped(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    out_f, in_f = weight.shape
+    groups = spec.num_groups(in_f)
+    return weight.float().reshape(out_f, groups, in_f // groups)
+
+
+def compute_qparams(
+    wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (rounded to the storage dtype) and zero point from per-group ranges."""
+    wmin = torch.minimum(wmin.float(), torch.zeros_like(wmin, dtype=torch.float32))
+    wmax = torch.maximum(wmax.float(), torch.zeros_like(wmax, dtype=torch.float32))
+    if spec.symmetric:
+        absmax = torch.maximum(-wmin, wmax)
+        scale = absmax / ((spec.qmax - spec.qmin) / 2)
+    else:
+        scale = (wmax - wmin) / (spec.qmax - spec.qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(dtype)
+    if scale.dtype != torch.float32 and bool((scale == 0).any()):
+        scale = torch.where(scale == 0, torch.finfo(dtype).tiny, scale)
+    if spec.symmetric:
+        return scale, None
+    zero = torch.round(spec.qmin - wmin / scale.float()).clamp(spec.qmin, spec.qmax)
+    return scale, zero.to(torch.int8)
+
+
+def quantize_codes(
+    weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec
+) -> torch.Tensor:
+    """Integer codes for `weight` given per-group scale and zero point."""
+    grouped = _grouped(weight, spec)
+    levels = torch.round(grouped / scale.float().unsqueeze(-1))
+    if zero is not None:
+        levels = levels + zero.float().unsqueeze(-1)
+    return levels.clamp(spec.qmin, spec.qmax).to(torch.int8).reshape(weight.shape)
+
+
+def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    if weight.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    grouped = _grouped(weight, spec)
+    scale, zero = compute_qparams(grouped.amin(-1), grouped.amax(-1), spec, weight.dtype)
+    codes = quantize_codes(weight, scale, zero, spec)
+    return QuantizedWeight(codes, scale, zero, spec)

@@ -1,0 +1,255 @@
+"""End-to-end jobs the CLI and the demo call: convert, quantize, evaluate, generate.
+
+Data flows one way: source checkpoint -> plan -> quantized tensors -> format writer -> output folder.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from infopt.calibration.sources import load_text
+from infopt.calibration.windows import tokenize
+from infopt.errors import InfoptError
+from infopt.eval.perplexity import default_batch_size, default_seq_len, evaluate
+from infopt.formats import artifact, compressed_tensors
+from infopt.formats.registry import WRITE_FORMATS
+from infopt.formats.safetensors_io import ShardedWriter, check_safetensors, iter_tensors
+from infopt.models import llama2c
+from infopt.models.adapters import adapter_for
+from infopt.models.loading import ModelDir, load_causal_lm, load_tokenizer, open_model, text_config
+from infopt.paths import atomic_output_dir, check_output_target
+from infopt.quant.rtn import quantize_rtn
+from infopt.quant.spec import QuantPlan, QuantSpec, build_plan
+
+Progress = Callable[[str, int, int], None]
+
+
+def convert_llama2c(src: Path, tokenizer: Path | None, out: Path, force: bool = False) -> dict:
+    if not src.is_file():
+        raise InfoptError(f"no such file: {src}")
+    if tokenizer is not None and not tokenizer.is_file():
+        raise InfoptError(f"no such tokenizer file: {tokenizer}")
+    with atomic_output_dir(out, force) as tmp:
+        params = llama2c.convert(src, tokenizer, tmp)
+    return {"out": str(out), "params": params.__dict__}
+
+
+def _linear_shapes(model: ModelDir, names: list[str]) -> dict[str, tuple[int, int]]:
+    shapes: dict[str, tuple[int, int]] = {}
+    if model.pickle:
+        available = {n: tuple(t.shape) for n, t in _source_tensors(model)}
+    else:
+        available = {}
+        for file in model.files:
+            available.update({n: tuple(info["shape"]) for n, info in check_safetensors(file).items() if n != "__metadata__"})
+    for module in names:
+        shape = available.get(f"{module}.weight")
+        if shape is not None and len(shape) == 2:
+            shapes[module] = shape
+    return shapes
+
+
+def _source_tensors(model: ModelDir) -> Iterator[tuple[str, torch.Tensor]]:
+    if model.pickle:
+        state: dict[str, torch.Tensor] = {}
+        for file in model.files:
+            state.update(torch.load(file, map_location="cpu", weights_only=True))
+        yield from sorted(state.items())
+    else:
+        yield from iter_tensors(model.files)
+
+
+@dataclass
+class QuantizeRequest:
+    model: str
+    spec: QuantSpec
+    out: Path | None
+    fmt: str = "compressed-tensors"
+    method: str = "rtn"
+    ignore: list[str] = field(default_factory=list)
+    overrides: list[tuple[str, QuantSpec | None]] = field(default_factory=list)
+    include_lm_head: bool = False
+    force: bool = False
+    dry_run: bool = False
+    max_shard_bytes: int = 5 * 10**9
+    allow_pickle: bool = False
+    eval_dataset: str | None = None
+    eval_max_windows: int | None = None
+
+
+def plan_quantization(req: QuantizeRequest, model: ModelDir) -> QuantPlan:
+    if model.quant_method:
+        raise InfoptError(f"{model.path} is already quantized ({model.quant_method}); start from a full-precision model")
+    adapter = adapter_for(text_config(model.config))
+    candidates = adapter.layer_linears(model.num_layers)
+    tied = bool(text_config(model.config).get("tie_word_embeddings", False))
+    if req.include_lm_head:
+        if tied:
+            raise InfoptError("lm_head shares its weight with the embeddings here; it cannot be quantized alone")
+        candidates.append(adapter.lm_head)
+    shapes = _linear_shapes(model, candidates)
+    if not shapes:
+        raise InfoptError(f"{model.path}: none of the {adapter.name} linears were found in the weights")
+    plan = build_plan(shapes, req.spec, req.ignore, req.overrides)
+    if not plan.quantized:
+        raise InfoptError("the plan quantizes nothing: every linear is ignored or skipped")
+    return plan
+
+
+def _quantized_items(model: ModelDir, plan: QuantPlan, errors: dict[str, float], progress: Progress | None):
+    specs = {e.module: e.spec for e in plan.quantized}
+    done = 0
+    for name, tensor in _source_tensors(model):
+        module = name.removesuffix(".weight")
+        spec = specs.get(module) if name.endswith(".weight") else None
+        if spec is None:
+            yield name, tensor
+            continue
+        q = quantize_rtn(tensor, spec)
+        diff = (q.dequantize().float() - tensor.float()).pow(2).sum()
+        errors[module] = float(diff / tensor.float().pow(2).sum().clamp_min(1e-30))
+        done += 1
+        if progress:
+            progress("quantize", done, len(specs))
+        yield name, q
+
+
+def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
+    """Plan, quantize and write a checkpoint; with dry_run only the plan is returned."""
+    if req.method != "rtn":
+        raise InfoptError(f"method {req.method!r} is not available yet (available: rtn)")
+    if req.fmt not in WRITE_FORMATS:
+        raise InfoptError(f"format {req.fmt!r} is not available (available: {', '.join(WRITE_FORMATS)})")
+    if req.out is not None and not req.dry_run:
+        check_output_target(req.out, req.force)
+    model = open_model(req.model, req.allow_pickle)
+    plan = plan_quantization(req, model)
+    dtype_bytes = _source_element_bytes(model)
+    report = {
+        "source": req.model,
+        "method": req.method,
+        "format": req.fmt,
+        "spec": req.spec.describe(),
+        "quantized": [{"module": e.module, "shape": list(e.shape), "spec": e.spec.describe()} for e in plan.quantized],
+        "skipped": [{"module": e.module, "reason": e.note} for e in plan.skipped],
+        "warnings": plan.warnings,
+        "expected_linear_bytes": plan.expected_bytes(dtype_bytes),
+        "source_linear_bytes": sum(o * i for o, i in (e.shape for e in plan.entries)) * dtype_bytes,
+    }
+    if req.dry_run:
+        return report
+    if req.out is None:
+        raise InfoptError("--out is required unless --dry-run")
+    start = time.perf_counter()
+    errors: dict[str, float] = {}
+    with atomic_output_dir(req.out, req.force) as tmp:
+        writer = ShardedWriter(tmp, req.max_shard_bytes)
+        specs = compressed_tensors.write_weights(writer, _quantized_items(model, plan, errors, progress))
+        files = writer.close()
+        ignore = [e.module for e in plan.skipped]
+        lm_head = adapter_for(text_config(model.config)).lm_head
+        if lm_head not in specs:
+            ignore.append(lm_head)
+        config = dict(model.config)
+        config["quantization_config"] = compressed_tensors.quantization_config(specs, ignore)
+        artifact.write_config(tmp, config)
+        artifact.copy_side_files(model.path, tmp)
+        metrics = {}
+        if req.eval_dataset:
+            metrics = evaluate_checkpoint(str(tmp), req.eval_dataset, baseline=model, max_windows=req.eval_max_windows)
+            report["eval"] = metrics
+        artifact.write_model_card(tmp, {
+            "name": req.out.name,
+            "source": Path(req.model).name if Path(req.model).exists() else req.model,
+            "settings": {"method": req.method, "format": req.fmt, "scheme": req.spec.describe(),
+                         "quantized linears": len(specs), "ignored": ", ".join(sorted(ignore))},
+            "skipped": [e.module for e in plan.skipped],
+            "metrics": _card_metrics(metrics, req.eval_dataset),
+        })
+        artifact.write_manifest(tmp)
+    report.update({
+        "out": str(req.out),
+        "files": files,
+        "seconds": time.perf_counter() - start,
+        "output_bytes": sum(p.stat().st_size for p in req.out.iterdir() if p.is_file()),
+        "relative_weight_error": errors,
+    })
+    return report
+
+
+def _card_metrics(metrics: dict, dataset: str | None) -> dict:
+    if not metrics:
+        return {}
+    out = {"dataset": dataset, "perplexity": f"{metrics['ppl']:.4f}", "tokens": metrics["tokens"],
+           "seq_len": metrics["seq_len"]}
+    if "baseline_ppl" in metrics:
+        out.update({"baseline perplexity": f"{metrics['baseline_ppl']:.4f}",
+                    "relative change": f"{metrics['ppl_delta_rel']:+.4%}",
+                    "KL(baseline || this)": f"{metrics['kl_mean']:.6f}",
+                    "top-1 agreement": f"{metrics['top1_agreement']:.4%}"})
+    return out
+
+
+def _source_element_bytes(model: ModelDir) -> int:
+    dtype = str(text_config(model.config).get("torch_dtype") or model.config.get("dtype") or "float32")
+    return 4 if "32" in dtype else 2
+
+
+def evaluate_checkpoint(model: str | ModelDir, dataset: str, baseline: str | ModelDir | None = None,
+                        seq_len: int | None = None, stride: int | None = None, max_windows: int | None = None,
+                        text_field: str = "text", allow_pickle: bool = False,
+                        progress: Progress | None = None) -> dict:
+    model_dir = model if isinstance(model, ModelDir) else open_model(model, allow_pickle)
+    base_dir = None
+    if baseline is not None:
+        base_dir = baseline if isinstance(baseline, ModelDir) else open_model(baseline, allow_pickle)
+    text = load_text(dataset, text_field)
+    tokenizer = load_tokenizer(model_dir.path)
+    ids = tokenize(tokenizer, text)
+    seq_len = seq_len or default_seq_len(model_dir.config)
+    lm = load_causal_lm(model_dir)
+    base_lm = load_causal_lm(base_dir) if base_dir is not None else None
+    if base_lm is not None and base_lm.config.vocab_size != lm.config.vocab_size:
+        raise InfoptError("model and baseline have different vocabularies; they must share a tokenizer")
+    batch = default_batch_size(seq_len, lm.config.vocab_size)
+    report = evaluate(lm, ids, seq_len, stride, max_windows, base_lm, batch,
+                      (lambda d, t: progress("eval", d, t)) if progress else None)
+    report["dataset"] = dataset
+    return report
+
+
+def generate_text(model: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0, seed: int = 0, allow_pickle: bool = False,
+                  on_text: Callable[[str], None] | None = None) -> dict:
+    from infopt.runtime.generate import generate
+
+    model_dir = open_model(model, allow_pickle)
+    tokenizer = load_tokenizer(model_dir.path)
+    lm = load_causal_lm(model_dir)
+    prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids
+    emitted = ""
+    tokens: list[int] = []
+
+    def stream(token: int) -> None:
+        nonlocal emitted
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if on_text and text.startswith(emitted) and not text.endswith("\ufffd"):
+            on_text(text[len(emitted):])
+            emitted = text
+
+    start = time.perf_counter()
+    out = generate(lm, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed,
+                   tokenizer.eos_token_id, text_config(model_dir.config).get("max_position_embeddings"), stream)
+    seconds = time.perf_counter() - start
+    text = tokenizer.decode(out, skip_special_tokens=True)
+    if on_text and text.startswith(emitted) and len(text) > len(emitted):
+        on_text(text[len(emitted):])
+    return {"prompt": prompt, "text": text, "tokens": out, "new_tokens": len(out), "seconds": seconds,
+            "tokens_per_second": len(out) / seconds if seconds > 0 else None}
+

@@ -1,0 +1,28 @@
+"""Tiny random models of each supported architecture, saved as real Hugging Face folders."""
+
+from pathlib import Path
+
+import torch
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
+
+ARCH_CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "gemma": ("GemmaConfig", {"head_dim": 16}),
+    "phi3": ("Phi3Config", {"pad_token_id": 0}),
+}
+
+
+def make_tiny_model(arch: str, path: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    import transformers
+
+    class_name, extra = ARCH_CONFIGS[arch]
+    config = getattr(transformers, class_name)(**TINY, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
+    model.save_pretrained(path)
+    return path

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.infopt-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/bench_foundation.py
 
 clean:
 	rm -rf out .pytest_cache

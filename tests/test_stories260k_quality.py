@@ -30,3 +30,12 @@ def test_int8_within_one_percent_and_int4_worse(stories_hf, quantized):
     assert abs(int8["ppl_delta_rel"]) < 0.01
     assert int4["ppl"] > int8["ppl"]
     assert int4["kl_mean"] > int8["kl_mean"] and int4["top1_agreement"] < int8["top1_agreement"]
+
+
+def test_eval_during_quantize_lands_in_the_model_card(stories_hf, tmp_path):
+    out = tmp_path / "int8"
+    report = quantize(QuantizeRequest(model=str(stories_hf), spec=QuantSpec(8, -1, True), out=out,
+                                      eval_dataset="tinystories", eval_max_windows=10))
+    assert report["eval"]["windows"] == 10 and report["eval"]["baseline_ppl"] > 1
+    card = (out / "README.md").read_text()
+    assert f"{report['eval']['ppl']:.4f}" in card and "tinystories" in card

@@ -13,6 +13,7 @@ ARCH_CONFIGS = {
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {"head_dim": 16}),
     "gemma": ("GemmaConfig", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16}),
     "phi3": ("Phi3Config", {"pad_token_id": 0}),
 }
 

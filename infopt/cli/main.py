@@ -141,6 +141,7 @@ def eval_(
     text_field: str = typer.Option("text", "--text-field", help="Field or column for .jsonl/.parquet/hf datasets."),
     max_ppl_delta: Optional[float] = typer.Option(None, "--max-ppl-delta", help="Exit 1 when the relative perplexity increase exceeds this (needs --baseline)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run custom model code from the model folder."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Perplexity of a model, optionally against a baseline model."""
@@ -150,7 +151,7 @@ def eval_(
         raise InfoptError("--max-ppl-delta needs --baseline")
     with progress_bar(not json_out) as progress:
         report = evaluate_checkpoint(model, dataset, baseline, seq_len, stride, max_windows, text_field,
-                                     allow_pickle, progress)
+                                     allow_pickle, progress, trust_remote_code)
     if json_out:
         print_json(report)
     else:
@@ -169,6 +170,7 @@ def run(
     top_k: int = typer.Option(0, "--top-k", min=0),
     seed: int = typer.Option(0, "--seed"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run custom model code from the model folder."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
 ) -> None:
     """Generate text from a checkpoint."""
@@ -181,7 +183,7 @@ def run(
     if not json_out:
         sys.stdout.write(prompt)
     result = generate_text(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, allow_pickle,
-                           None if json_out else stream)
+                           None if json_out else stream, trust_remote_code)
     if json_out:
         print_json(result)
     else:

@@ -18,6 +18,17 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     if dim == 0:
         return pack_int32(codes.t(), bits, 1).t().contiguous()
     rows, cols = codes.shape
+    if 32 % bits == 0:  # whole codes per word
+        per_word = 32 // bits
+        # uint8 arithmetic wraps mod 256, so (level + 2^(b-1)) & mask is the unsigned code for any b <= 8
+        unsigned = ((codes.view(torch.uint8) + (1 << (bits - 1))) & ((1 << bits) - 1)).to(torch.int32)
+        if cols % per_word:
+            unsigned = torch.nn.functional.pad(unsigned, (0, per_word - cols % per_word))
+        unsigned = unsigned.reshape(rows, -1, per_word)
+        words = unsigned[:, :, 0].clone()
+        for i in range(1, per_word):
+            words |= unsigned[:, :, i] << (i * bits)  # int32 shifts wrap into the sign bit, as intended
+        return words
     unsigned = (codes.to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)
     padded = math.ceil(cols / 32) * 32
     unsigned = torch.nn.functional.pad(unsigned, (0, padded - cols)).reshape(rows, -1, 32)
@@ -37,6 +48,10 @@ def unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int = 1) -> 
     if dim == 0:
         return unpack_int32(packed.t(), bits, length, 1).t().contiguous()
     rows, num_words = packed.shape
+    if 32 % bits == 0:
+        shifts = torch.arange(32 // bits, dtype=torch.int32) * bits
+        fields = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # arithmetic shift, then masked
+        return (fields.reshape(rows, -1)[:, :length] - (1 << (bits - 1))).to(torch.int8)
     words = packed.to(torch.int64) & 0xFFFFFFFF
     full = math.ceil(num_words / bits) * bits
     words = torch.nn.functional.pad(words, (0, full - num_words)).reshape(rows, -1, bits)

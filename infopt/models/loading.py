@@ -163,8 +163,14 @@ def load_causal_lm(spec: str | ModelDir, dtype: torch.dtype = torch.float32, all
                    trust_remote_code: bool = False):
     """A ready-to-run transformers model from any checkpoint infopt reads."""
     model_dir = spec if isinstance(spec, ModelDir) else open_model(spec, allow_pickle)
-    if model_dir.config.get("auto_map") and not trust_remote_code:
-        raise InfoptError(f"{model_dir.path} needs custom code from the model repo; pass --trust-remote-code to run it")
+    if model_dir.config.get("auto_map"):
+        if not trust_remote_code:
+            raise InfoptError(f"{model_dir.path} needs custom code from the model repo; pass --trust-remote-code to run it")
+        if model_dir.quant_method:
+            raise InfoptError("quantized checkpoints of custom-code architectures are not supported yet")
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(model_dir.path), dtype=dtype, trust_remote_code=True).eval()
     state = load_state_dict(model_dir)
     return build_hf_model(model_dir.config, state, dtype, trust_remote_code)
 

@@ -67,17 +67,17 @@ def quantize_codes(
     weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec
 ) -> torch.Tensor:
     """Integer codes for `weight` given per-group scale and zero point."""
-    grouped = _grouped(weight, spec)
-    levels = torch.round(grouped / scale.float().unsqueeze(-1))
+    levels = _grouped(weight, spec) / scale.float().unsqueeze(-1)  # a fresh tensor: update it in place
+    levels.round_()
     if zero is not None:
-        levels = levels + zero.float().unsqueeze(-1)
-    return levels.clamp(spec.qmin, spec.qmax).to(torch.int8).reshape(weight.shape)
+        levels += zero.float().unsqueeze(-1)
+    return levels.clamp_(spec.qmin, spec.qmax).to(torch.int8).reshape(weight.shape)
 
 
 def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
-    grouped = _grouped(weight, spec)
-    scale, zero = compute_qparams(grouped.amin(-1), grouped.amax(-1), spec, weight.dtype)
+    wmin, wmax = torch.aminmax(_grouped(weight, spec), dim=-1)
+    scale, zero = compute_qparams(wmin, wmax, spec, weight.dtype)
     codes = quantize_codes(weight, scale, zero, spec)
     return QuantizedWeight(codes, scale, zero, spec)

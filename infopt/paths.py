@@ -42,8 +42,8 @@ def require_data_file(relative: str) -> Path:
 def check_output_target(target: Path, force: bool) -> None:
     if target.exists() and not force:
         raise InfoptError(f"output {target} already exists (use --force to replace it)")
-    if not target.parent.exists():
-        raise InfoptError(f"parent folder of output {target} does not exist")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise InfoptError(f"cannot write {target}: {target.parent} is not a folder")
 
 
 @contextlib.contextmanager
@@ -51,6 +51,7 @@ def atomic_output_dir(target: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; move it into place only if the block succeeds."""
     target = Path(target)
     check_output_target(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp

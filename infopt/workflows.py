@@ -21,7 +21,7 @@ from infopt.formats.registry import WRITE_FORMATS
 from infopt.formats.safetensors_io import ShardedWriter, check_safetensors, iter_tensors
 from infopt.models import llama2c
 from infopt.models.adapters import adapter_for
-from infopt.models.loading import ModelDir, load_causal_lm, load_tokenizer, open_model, text_config
+from infopt.models.loading import ModelDir, load_causal_lm, load_state_dict, load_tokenizer, open_model, text_config
 from infopt.paths import atomic_output_dir, check_output_target
 from infopt.quant.rtn import quantize_rtn
 from infopt.quant.spec import QuantPlan, QuantSpec, build_plan
@@ -56,10 +56,7 @@ def _linear_shapes(model: ModelDir, names: list[str]) -> dict[str, tuple[int, in
 
 def _source_tensors(model: ModelDir) -> Iterator[tuple[str, torch.Tensor]]:
     if model.pickle:
-        state: dict[str, torch.Tensor] = {}
-        for file in model.files:
-            state.update(torch.load(file, map_location="cpu", weights_only=True))
-        yield from sorted(state.items())
+        yield from sorted(load_state_dict(model).items())
     else:
         yield from iter_tensors(model.files)
 

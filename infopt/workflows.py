@@ -200,7 +200,8 @@ def _source_element_bytes(model: ModelDir) -> int:
 def evaluate_checkpoint(model: str | ModelDir, dataset: str, baseline: str | ModelDir | None = None,
                         seq_len: int | None = None, stride: int | None = None, max_windows: int | None = None,
                         text_field: str = "text", allow_pickle: bool = False,
-                        progress: Progress | None = None, trust_remote_code: bool = False) -> dict:
+                        progress: Progress | None = None, trust_remote_code: bool = False,
+                        dtype: torch.dtype = torch.float32) -> dict:
     model_dir = model if isinstance(model, ModelDir) else open_model(model, allow_pickle)
     base_dir = None
     if baseline is not None:
@@ -209,8 +210,8 @@ def evaluate_checkpoint(model: str | ModelDir, dataset: str, baseline: str | Mod
     tokenizer = load_tokenizer(model_dir.path, trust_remote_code)
     ids = tokenize(tokenizer, text)
     seq_len = seq_len or default_seq_len(model_dir.config)
-    lm = load_causal_lm(model_dir, trust_remote_code=trust_remote_code)
-    base_lm = load_causal_lm(base_dir, trust_remote_code=trust_remote_code) if base_dir is not None else None
+    lm = load_causal_lm(model_dir, dtype, trust_remote_code=trust_remote_code)
+    base_lm = load_causal_lm(base_dir, dtype, trust_remote_code=trust_remote_code) if base_dir is not None else None
     if base_lm is not None and base_lm.config.vocab_size != lm.config.vocab_size:
         raise InfoptError("model and baseline have different vocabularies; they must share a tokenizer")
     batch = default_batch_size(seq_len, lm.config.vocab_size)
@@ -222,12 +223,13 @@ def evaluate_checkpoint(model: str | ModelDir, dataset: str, baseline: str | Mod
 
 def generate_text(model: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                   top_p: float = 1.0, seed: int = 0, allow_pickle: bool = False,
-                  on_text: Callable[[str], None] | None = None, trust_remote_code: bool = False) -> dict:
+                  on_text: Callable[[str], None] | None = None, trust_remote_code: bool = False,
+                  dtype: torch.dtype = torch.float32) -> dict:
     from infopt.runtime.generate import generate
 
     model_dir = open_model(model, allow_pickle)
     tokenizer = load_tokenizer(model_dir.path, trust_remote_code)
-    lm = load_causal_lm(model_dir, trust_remote_code=trust_remote_code)
+    lm = load_causal_lm(model_dir, dtype, trust_remote_code=trust_remote_code)
     prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids
     emitted = ""
     tokens: list[int] = []

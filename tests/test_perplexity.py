@@ -60,3 +60,10 @@ def test_window_plans():
     assert len(plan_windows(100, 10, max_windows=3)) == 3
     with pytest.raises(InfoptError, match="needs at least"):
         plan_windows(5, 10)
+
+
+def test_bfloat16_evaluation_is_close_to_float32(stories_hf):
+    fp32 = evaluate_checkpoint(str(stories_hf), "tinystories", seq_len=512, max_windows=20)
+    bf16 = evaluate_checkpoint(str(stories_hf), "tinystories", seq_len=512, max_windows=20, dtype=torch.bfloat16)
+    assert bf16["ppl"] != fp32["ppl"]
+    assert abs(bf16["ppl"] / fp32["ppl"] - 1) < 0.02

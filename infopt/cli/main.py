@@ -13,6 +13,7 @@ from rich.table import Table
 from infopt import __version__
 from infopt.cli.output import err_console, human_bytes, out_console, print_json, progress_bar, warn
 from infopt.errors import InfoptError, QualityGateError
+from infopt.models.loading import parse_dtype
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize, verify and run Hugging Face causal language models.")
@@ -141,6 +142,7 @@ def eval_(
     text_field: str = typer.Option("text", "--text-field", help="Field or column for .jsonl/.parquet/hf datasets."),
     max_ppl_delta: Optional[float] = typer.Option(None, "--max-ppl-delta", help="Exit 1 when the relative perplexity increase exceeds this (needs --baseline)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights."),
+    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16 or float16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run custom model code from the model folder."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -151,7 +153,7 @@ def eval_(
         raise InfoptError("--max-ppl-delta needs --baseline")
     with progress_bar(not json_out) as progress:
         report = evaluate_checkpoint(model, dataset, baseline, seq_len, stride, max_windows, text_field,
-                                     allow_pickle, progress, trust_remote_code)
+                                     allow_pickle, progress, trust_remote_code, parse_dtype(dtype))
     if json_out:
         print_json(report)
     else:
@@ -170,6 +172,7 @@ def run(
     top_k: int = typer.Option(0, "--top-k", min=0),
     seed: int = typer.Option(0, "--seed"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights."),
+    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16 or float16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run custom model code from the model folder."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
 ) -> None:
@@ -183,7 +186,7 @@ def run(
     if not json_out:
         sys.stdout.write(prompt)
     result = generate_text(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, allow_pickle,
-                           None if json_out else stream, trust_remote_code)
+                           None if json_out else stream, trust_remote_code, parse_dtype(dtype))
     if json_out:
         print_json(result)
     else:

@@ -175,6 +175,15 @@ def load_causal_lm(spec: str | ModelDir, dtype: torch.dtype = torch.float32, all
     return build_hf_model(model_dir.config, state, dtype, trust_remote_code)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise InfoptError(f"invalid dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

@@ -20,6 +20,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints from other tools to Hugging Face format.")
 app.add_typer(convert_app, name="convert")
 
+# Options shared by every command that loads a model.
+ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights, which can run code when loaded.")
+TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="Run custom model code from the model folder.")
+DTYPE = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16 or float16.")
+
 
 def _version(value: bool) -> None:
     if value:
@@ -68,7 +73,7 @@ def quantize(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
     eval_dataset: Optional[str] = typer.Option(None, "--eval", help="Measure perplexity vs the source on this dataset and record it in the model card."),
     eval_max_windows: Optional[int] = typer.Option(None, "--eval-max-windows", help="Limit the windows --eval uses."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) source weights."),
+    allow_pickle: bool = ALLOW_PICKLE,
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Quantize a model's decoder linears and write a packed checkpoint."""
@@ -141,9 +146,9 @@ def eval_(
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Evaluate at most this many windows."),
     text_field: str = typer.Option("text", "--text-field", help="Field or column for .jsonl/.parquet/hf datasets."),
     max_ppl_delta: Optional[float] = typer.Option(None, "--max-ppl-delta", help="Exit 1 when the relative perplexity increase exceeds this (needs --baseline)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights."),
-    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16 or float16."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run custom model code from the model folder."),
+    allow_pickle: bool = ALLOW_PICKLE,
+    dtype: str = DTYPE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Perplexity of a model, optionally against a baseline model."""
@@ -151,9 +156,10 @@ def eval_(
 
     if max_ppl_delta is not None and baseline is None:
         raise InfoptError("--max-ppl-delta needs --baseline")
+    compute_dtype = parse_dtype(dtype)
     with progress_bar(not json_out) as progress:
         report = evaluate_checkpoint(model, dataset, baseline, seq_len, stride, max_windows, text_field,
-                                     allow_pickle, progress, trust_remote_code, parse_dtype(dtype))
+                                     allow_pickle, progress, trust_remote_code, compute_dtype)
     if json_out:
         print_json(report)
     else:
@@ -171,9 +177,9 @@ def run(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
     top_k: int = typer.Option(0, "--top-k", min=0),
     seed: int = typer.Option(0, "--seed"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights."),
-    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16 or float16."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run custom model code from the model folder."),
+    allow_pickle: bool = ALLOW_PICKLE,
+    dtype: str = DTYPE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
 ) -> None:
     """Generate text from a checkpoint."""
@@ -183,10 +189,11 @@ def run(
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    compute_dtype = parse_dtype(dtype)
     if not json_out:
         sys.stdout.write(prompt)
     result = generate_text(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, allow_pickle,
-                           None if json_out else stream, trust_remote_code, parse_dtype(dtype))
+                           None if json_out else stream, trust_remote_code, compute_dtype)
     if json_out:
         print_json(result)
     else:

@@ -5,24 +5,30 @@ Data flows one way: source checkpoint -> plan -> quantized tensors -> format wri
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from infopt.calibration.sources import load_text
-from infopt.calibration.windows import tokenize
+from infopt.calibration.windows import calibration_windows, tokenize
 from infopt.errors import InfoptError
 from infopt.eval.perplexity import default_batch_size, default_seq_len, evaluate
-from infopt.formats import artifact, compressed_tensors
-from infopt.formats.registry import WRITE_FORMATS
+from infopt.formats import artifact
+from infopt.formats.writers import OutputFormat, output_format
 from infopt.formats.safetensors_io import ShardedWriter, check_safetensors, iter_tensors
 from infopt.models import llama2c
 from infopt.models.adapters import adapter_for
 from infopt.models.loading import ModelDir, load_causal_lm, load_state_dict, load_tokenizer, open_model, text_config
 from infopt.paths import atomic_output_dir, check_output_target
+from infopt.models.streaming import LayerStream
+from infopt.quant.driver import LayerResult, iter_results, load_part, part_path, prepare_work_dir, run_layers
+from infopt.quant.gptq import GPTQConfig, GPTQMethod
 from infopt.quant.rtn import quantize_rtn
 from infopt.quant.spec import QuantPlan, QuantSpec, build_plan
 
@@ -61,6 +67,10 @@ def _source_tensors(model: ModelDir) -> Iterator[tuple[str, torch.Tensor]]:
         yield from iter_tensors(model.files)
 
 
+METHODS = ("rtn", "gptq")
+CALIBRATED = ("gptq",)
+
+
 @dataclass
 class QuantizeRequest:
     model: str
@@ -77,6 +87,17 @@ class QuantizeRequest:
     allow_pickle: bool = False
     eval_dataset: str | None = None
     eval_max_windows: int | None = None
+    # calibrated methods
+    calib: str | None = None
+    calib_samples: int = 128
+    calib_seq_len: int = 2048
+    calib_seed: int = 0
+    text_field: str = "text"
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    device: str = "auto"
+    resume: bool = False
+    offload_activations: bool = False
+    activation_dtype: torch.dtype | None = None
 
 
 def plan_quantization(req: QuantizeRequest, model: ModelDir) -> QuantPlan:
@@ -86,19 +107,22 @@ def plan_quantization(req: QuantizeRequest, model: ModelDir) -> QuantPlan:
     candidates = adapter.layer_linears(model.num_layers)
     tied = bool(text_config(model.config).get("tie_word_embeddings", False))
     if req.include_lm_head:
+        if req.method in CALIBRATED:
+            raise InfoptError(f"--include-lm-head is not available with --method {req.method} (use rtn)")
         if tied:
             raise InfoptError("lm_head shares its weight with the embeddings here; it cannot be quantized alone")
         candidates.append(adapter.lm_head)
     shapes = _linear_shapes(model, candidates)
     if not shapes:
         raise InfoptError(f"{model.path}: none of the {adapter.name} linears were found in the weights")
-    plan = build_plan(shapes, req.spec, req.ignore, req.overrides)
+    plan = build_plan(shapes, req.spec, req.ignore, req.overrides, output_format(req.fmt).packable)
     if not plan.quantized:
         raise InfoptError("the plan quantizes nothing: every linear is ignored or skipped")
     return plan
 
 
-def _quantized_items(model: ModelDir, plan: QuantPlan, errors: dict[str, float], progress: Progress | None):
+def _rtn_items(model: ModelDir, plan: QuantPlan, scale_dtype: torch.dtype | None, errors: dict[str, float],
+               progress: Progress | None):
     specs = {e.module: e.spec for e in plan.quantized}
     done = 0
     for name, tensor in _source_tensors(model):
@@ -107,7 +131,7 @@ def _quantized_items(model: ModelDir, plan: QuantPlan, errors: dict[str, float],
         if spec is None:
             yield name, tensor
             continue
-        q = quantize_rtn(tensor, spec)
+        q = quantize_rtn(tensor, spec, scale_dtype)
         diff = (q.dequantize().float() - tensor.float()).pow(2).sum()
         errors[module] = float(diff / tensor.float().pow(2).sum().clamp_min(1e-30))
         done += 1
@@ -116,12 +140,92 @@ def _quantized_items(model: ModelDir, plan: QuantPlan, errors: dict[str, float],
         yield name, q
 
 
+def _calibrated_items(model: ModelDir, work_dir: Path, adapter):
+    """Source tensors with each layer's saved result substituted (parts read one layer at a time)."""
+    cached: dict[int, LayerResult] = {}
+    for name, tensor in _source_tensors(model):
+        index = adapter.layer_index(name)
+        if index is None:
+            yield name, tensor
+            continue
+        if index not in cached:
+            cached.clear()
+            cached[index] = load_part(part_path(work_dir, index))
+        result = cached[index]
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in result.quantized:
+            yield name, result.quantized[module]
+        else:
+            yield name, result.dense.get(name, tensor)
+
+
+def calibration_set(req: QuantizeRequest, model: ModelDir) -> torch.Tensor:
+    """The [samples, seq_len] token windows a calibrated method sees (seeded, reproducible)."""
+    if not req.calib:
+        raise InfoptError(f"--method {req.method} needs calibration text: pass --calib (e.g. wikitext2)")
+    max_len = text_config(model.config).get("max_position_embeddings")
+    seq_len = min(req.calib_seq_len, max_len) if max_len else req.calib_seq_len
+    tokenizer = load_tokenizer(model.path)
+    ids = tokenize(tokenizer, load_text(req.calib, req.text_field))
+    return calibration_windows(ids, req.calib_samples, seq_len, req.calib_seed)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InfoptError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise InfoptError(f"invalid --device {name!r}: auto, cpu or cuda")
+    return name
+
+
+def work_dir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.work"
+
+
+def _fingerprint(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, windows: torch.Tensor,
+                 scale_dtype: torch.dtype | None) -> str:
+    digest = hashlib.sha256()
+    files = [(p.name, p.stat().st_size) for p in model.files]
+    settings = {"model": str(model.path.resolve()), "files": files, "config": model.config, "method": req.method,
+                "plan": [(e.module, e.spec.describe() if e.spec else None) for e in plan.entries],
+                "gptq": req.gptq.__dict__, "scale_dtype": str(scale_dtype), "fmt": req.fmt,
+                "activation_dtype": str(req.activation_dtype)}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest.update(windows.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _run_calibrated(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, fmt: OutputFormat,
+                    progress: Progress | None) -> tuple[Path, dict]:
+    windows = calibration_set(req, model)
+    config = req.gptq
+    if config.act_order and not fmt.supports_g_idx and not config.static_groups:
+        config = replace(config, static_groups=True)
+    work_dir = work_dir_for(req.out)
+    done = prepare_work_dir(work_dir, _fingerprint(req, model, plan, windows, fmt.scale_dtype), req.resume, req.force)
+    stream = LayerStream(model, torch.float32, resolve_device(req.device))
+    method = GPTQMethod(config, fmt.scale_dtype)
+    specs = {e.module: e.spec for e in plan.quantized}
+    timing = run_layers(stream, windows, specs, method, work_dir, done, req.activation_dtype,
+                        req.offload_activations, progress)
+    info = {}
+    for _, result in iter_results(work_dir, stream.num_layers):
+        info.update(result.info)
+    details = {"calibration": {"source": req.calib, "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+                               "seed": req.calib_seed},
+               "gptq": config.__dict__, "device": str(stream.device), **timing, "layer_info": info}
+    return work_dir, details
+
+
 def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     """Plan, quantize and write a checkpoint; with dry_run only the plan is returned."""
-    if req.method != "rtn":
-        raise InfoptError(f"method {req.method!r} is not available yet (available: rtn)")
-    if req.fmt not in WRITE_FORMATS:
-        raise InfoptError(f"format {req.fmt!r} is not available (available: {', '.join(WRITE_FORMATS)})")
+    if req.method not in METHODS:
+        raise InfoptError(f"method {req.method!r} is not available (available: {', '.join(METHODS)})")
+    fmt = output_format(req.fmt)
+    if req.method in CALIBRATED:
+        resolve_device(req.device)
     if req.out is not None and not req.dry_run:
         check_output_target(req.out, req.force)
     model = open_model(req.model, req.allow_pickle)
@@ -143,38 +247,57 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     if req.out is None:
         raise InfoptError("--out is required unless --dry-run")
     start = time.perf_counter()
+    adapter = adapter_for(text_config(model.config))
     errors: dict[str, float] = {}
+    method_info = {"method": req.method}
+    if req.method in CALIBRATED:
+        work_dir, details = _run_calibrated(req, model, plan, fmt, progress)
+        report.update(details)
+        method_info.update(details["gptq"])
+        errors = {m: i["output_error"] for m, i in details["layer_info"].items()}
+        report["error_metric"] = "rel. output MSE"
+        items = _calibrated_items(model, work_dir, adapter)
+    else:
+        work_dir = None
+        report["error_metric"] = "relative weight MSE"
+        items = _rtn_items(model, plan, fmt.scale_dtype, errors, progress)
     with atomic_output_dir(req.out, req.force) as tmp:
         writer = ShardedWriter(tmp, req.max_shard_bytes)
-        specs = compressed_tensors.write_weights(writer, _quantized_items(model, plan, errors, progress))
+        specs = fmt.write_weights(writer, items)
         files = writer.close()
-        ignore = [e.module for e in plan.skipped]
-        lm_head = adapter_for(text_config(model.config)).lm_head
-        if lm_head not in specs:
-            ignore.append(lm_head)
+        dense = [e.module for e in plan.skipped]
+        if adapter.lm_head not in specs:
+            dense.append(adapter.lm_head)
         config = dict(model.config)
-        config["quantization_config"] = compressed_tensors.quantization_config(specs, ignore)
+        config["quantization_config"] = fmt.config(specs, dense, method_info)
         artifact.write_config(tmp, config)
+        fmt.side_files(tmp, config["quantization_config"])
         artifact.copy_side_files(model.path, tmp)
         metrics = {}
         if req.eval_dataset:
             metrics = evaluate_checkpoint(str(tmp), req.eval_dataset, baseline=model, max_windows=req.eval_max_windows)
             report["eval"] = metrics
+        settings = {"method": req.method, "format": req.fmt, "scheme": req.spec.describe(),
+                    "quantized linears": len(specs), "ignored": ", ".join(sorted(dense))}
+        if "calibration" in report:
+            c = report["calibration"]
+            settings["calibration"] = f"{c['source']}: {c['samples']} windows x {c['seq_len']} tokens, seed {c['seed']}"
         artifact.write_model_card(tmp, {
             "name": req.out.name,
             "source": Path(req.model).name if Path(req.model).exists() else req.model,
-            "settings": {"method": req.method, "format": req.fmt, "scheme": req.spec.describe(),
-                         "quantized linears": len(specs), "ignored": ", ".join(sorted(ignore))},
+            "settings": settings,
             "skipped": [e.module for e in plan.skipped],
             "metrics": _card_metrics(metrics, req.eval_dataset),
         })
         artifact.write_manifest(tmp)
+    if work_dir is not None:
+        shutil.rmtree(work_dir, ignore_errors=True)
     report.update({
         "out": str(req.out),
         "files": files,
         "seconds": time.perf_counter() - start,
         "output_bytes": sum(p.stat().st_size for p in req.out.iterdir() if p.is_file()),
-        "relative_weight_error": errors,
+        "errors": errors,
     })
     return report
 

@@ -59,7 +59,11 @@ def test_bad_models_fail_cleanly(case, words, broken_models, tmp_path):
     (["--bits", "5"], "invalid bits 5"),
     (["--group-size", "0"], "invalid group size 0"),
     (["--override", "bad"], "invalid override"),
-    (["--method", "gptq"], "not available yet"),
+    (["--method", "awq2"], "not available"),
+    (["--method", "gptq", "--group-size", "-1"], "needs calibration text"),
+    (["--method", "gptq", "--group-size", "-1", "--calib", "tinystories", "--device", "cuda"], "no CUDA device"),
+    (["--method", "gptq", "--group-size", "-1", "--calib", "tinystories", "--damp", "2"], "invalid --damp"),
+    (["--method", "gptq", "--group-size", "-1", "--calib", "nope.txt"], "nope.txt"),
     (["--format", "gguf"], "not available"),
 ])
 def test_bad_options_fail_cleanly(args, words, stories_hf, tmp_path):

@@ -18,11 +18,11 @@ ARCH_CONFIGS = {
 }
 
 
-def make_tiny_model(arch: str, path: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+def make_tiny_model(arch: str, path: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
     import transformers
 
     class_name, extra = ARCH_CONFIGS[arch]
-    config = getattr(transformers, class_name)(**TINY, **extra)
+    config = getattr(transformers, class_name)(**{**TINY, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
     model.save_pretrained(path)

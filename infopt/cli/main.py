@@ -59,18 +59,31 @@ def convert_llama2c(
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="Model folder or hub id."),
-    method: str = typer.Option("rtn", "--method", help="Quantization method (rtn)."),
+    method: str = typer.Option("rtn", "--method", help="Quantization method: rtn or gptq."),
     bits: int = typer.Option(4, "--bits", help="Bits per weight: 2, 3, 4 or 8."),
     group_size: int = typer.Option(128, "--group-size", help="Inputs per scale; -1 for one scale per output channel."),
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (no zero point) or asymmetric."),
     ignore: list[str] = typer.Option([], "--ignore", help="Regex of modules to leave in full precision (repeatable)."),
     override: list[str] = typer.Option([], "--override", help="REGEX=BITS[:GROUP][:sym|asym] or REGEX=skip (repeatable)."),
-    include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize lm_head too."),
-    fmt: str = typer.Option("compressed-tensors", "--format", help="Output format (compressed-tensors)."),
+    include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize lm_head too (rtn)."),
+    fmt: str = typer.Option("compressed-tensors", "--format", help="Output format: compressed-tensors or gptq."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder (and any unfinished run)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text for gptq: wikitext2, tinystories, a .txt/.jsonl/.parquet file or hf:NAME[:CONFIG][:SPLIT]."),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Number of calibration windows."),
+    calib_seq_len: int = typer.Option(2048, "--calib-seq-len", help="Tokens per window (capped at the model's context)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for choosing the calibration windows."),
+    text_field: str = typer.Option("text", "--text-field", help="Field or column for .jsonl/.parquet/hf calibration data."),
+    damp: float = typer.Option(0.01, "--damp", help="GPTQ dampening, a fraction of the mean Hessian diagonal."),
+    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing activation (desc_act)."),
+    static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: group scales from the original weights."),
+    block_size: int = typer.Option(128, "--block-size", help="GPTQ lazy-update block (columns)."),
+    device: str = typer.Option("auto", "--device", help="Where layers are quantized: auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
+    offload_activations: bool = typer.Option(False, "--offload-activations", help="Keep calibration activations on disk."),
+    activation_dtype: Optional[str] = typer.Option(None, "--activation-dtype", help="Store calibration activations as float32, bfloat16 or float16."),
     eval_dataset: Optional[str] = typer.Option(None, "--eval", help="Measure perplexity vs the source on this dataset and record it in the model card."),
     eval_max_windows: Optional[int] = typer.Option(None, "--eval-max-windows", help="Limit the windows --eval uses."),
     allow_pickle: bool = ALLOW_PICKLE,
@@ -78,6 +91,7 @@ def quantize(
 ) -> None:
     """Quantize a model's decoder linears and write a packed checkpoint."""
     from infopt.formats.safetensors_io import parse_size
+    from infopt.quant.gptq import GPTQConfig
     from infopt.quant.spec import QuantSpec, parse_override
     from infopt.workflows import QuantizeRequest, quantize as run
 
@@ -85,7 +99,11 @@ def quantize(
     req = QuantizeRequest(model=model, spec=spec, out=out, fmt=fmt, method=method, ignore=list(ignore),
                           overrides=[parse_override(o, spec) for o in override], include_lm_head=include_lm_head,
                           force=force, dry_run=dry_run, max_shard_bytes=parse_size(max_shard_size),
-                          allow_pickle=allow_pickle, eval_dataset=eval_dataset, eval_max_windows=eval_max_windows)
+                          allow_pickle=allow_pickle, eval_dataset=eval_dataset, eval_max_windows=eval_max_windows,
+                          calib=calib, calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_seed=seed,
+                          text_field=text_field, gptq=GPTQConfig(damp, block_size, act_order, static_groups),
+                          device=device, resume=resume, offload_activations=offload_activations,
+                          activation_dtype=parse_dtype(activation_dtype) if activation_dtype else None)
     if not dry_run and out is None:
         raise InfoptError("--out is required unless --dry-run")
     with progress_bar(not json_out) as progress:
@@ -98,18 +116,28 @@ def quantize(
     _print_plan(report)
     if dry_run:
         return
+    _print_damp_notes(report)
     out_console.print(f"wrote {report['out']} ({human_bytes(report['output_bytes'])}, {report['seconds']:.1f} s)")
     if "eval" in report:
         _print_eval(report["eval"])
+
+
+def _print_damp_notes(report: dict) -> None:
+    base = report.get("gptq", {}).get("damp")
+    for module, info in report.get("layer_info", {}).items():
+        if base is not None and info.get("damp", base) > base:
+            warn(f"{module}: Hessian not positive definite; dampening raised to {info['damp']:g}")
+        if info.get("dead_columns"):
+            warn(f"{module}: {info['dead_columns']} input columns never active in calibration (quantized as zero)")
 
 
 def _print_plan(report: dict) -> None:
     table = Table(title=f"{report['method']} -> {report['format']}  ({report['spec']})")
     for column in ("module", "shape", "scheme"):
         table.add_column(column)
-    errors = report.get("relative_weight_error", {})
+    errors = report.get("errors", {})
     if errors:
-        table.add_column("rel. weight MSE", justify="right")
+        table.add_column(report.get("error_metric", "error"), justify="right")
     for e in report["quantized"]:
         row = [e["module"], "x".join(map(str, e["shape"])), e["spec"]]
         if errors:

@@ -30,7 +30,7 @@ LAYOUT_VERSION = "0.19.0"
 _SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
 
-def weight_args(spec: QuantSpec) -> dict:
+def weight_args(spec: QuantSpec, actorder: str | None = None) -> dict:
     return {
         "num_bits": spec.bits,
         "type": "int",
@@ -39,14 +39,18 @@ def weight_args(spec: QuantSpec) -> dict:
         "strategy": "channel" if spec.group_size == -1 else "group",
         "block_structure": None,
         "dynamic": False,
-        "actorder": None,
+        "actorder": actorder,
         "observer": "minmax",
         "observer_kwargs": {},
     }
 
 
-def quantization_config(module_specs: dict[str, QuantSpec], ignore: list[str]) -> dict:
-    """One config group per distinct spec; a single spec targets every Linear not ignored."""
+def quantization_config(module_specs: dict[str, QuantSpec], ignore: list[str], actorder: str | None = None) -> dict:
+    """One config group per distinct spec; a single spec targets every Linear not ignored.
+
+    `actorder` "weight" records GPTQ's activation order with static groups, the only act-order
+    compressed-tensors 0.19 keeps (its g_idx "group" ordering was removed); the layout is unchanged.
+    """
     by_spec: dict[QuantSpec, list[str]] = {}
     for module, spec in module_specs.items():
         by_spec.setdefault(spec, []).append(module)
@@ -56,7 +60,7 @@ def quantization_config(module_specs: dict[str, QuantSpec], ignore: list[str]) -
         targets = ["Linear"] if len(ordered) == 1 else [f"re:^{re.escape(m)}$" for m in modules]
         groups[f"group_{i}"] = {
             "targets": targets,
-            "weights": weight_args(spec),
+            "weights": weight_args(spec, actorder),
             "input_activations": None,
             "output_activations": None,
             "format": FORMAT,
@@ -84,6 +88,8 @@ def write_weights(
             continue
         module = name.removesuffix(".weight")
         spec = value.spec
+        if value.g_idx is not None:
+            raise InfoptError(f"{module}: compressed-tensors {LAYOUT_VERSION} has no g_idx; use static groups")
         writer.add(f"{module}.weight_packed", pack_int32(value.codes, spec.bits, dim=1))
         writer.add(f"{module}.weight_scale", value.scale)
         if value.zero is not None:

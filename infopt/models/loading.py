@@ -125,21 +125,33 @@ def load_state_dict(model: ModelDir) -> dict[str, torch.Tensor]:
     return registry.read_dense_state_dict(model.files, model.config)
 
 
-def build_hf_model(config: dict, state: dict[str, torch.Tensor], dtype: torch.dtype, trust_remote_code: bool = False):
-    """A transformers causal LM from a config dict and a dense state dict."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def hf_config_from_dict(config: dict):
+    """A transformers config object from a config.json dict (any quantization_config dropped)."""
+    from transformers import AutoConfig
 
     config = copy.deepcopy(config)
     config.pop("quantization_config", None)
     model_type = config.pop("model_type", None)
     try:
-        hf_config = AutoConfig.for_model(model_type, **config)
+        return AutoConfig.for_model(model_type, **config)
     except (ValueError, KeyError) as exc:
         raise InfoptError(f"transformers cannot build model type {model_type!r}: {exc}") from None
+
+
+def no_init_weights():
+    """transformers' context manager that skips random weight initialisation."""
     try:
-        from transformers.initialization import no_init_weights
+        from transformers.initialization import no_init_weights as skip
     except ImportError:  # older transformers
-        from transformers.modeling_utils import no_init_weights
+        from transformers.modeling_utils import no_init_weights as skip
+    return skip()
+
+
+def build_hf_model(config: dict, state: dict[str, torch.Tensor], dtype: torch.dtype, trust_remote_code: bool = False):
+    """A transformers causal LM from a config dict and a dense state dict."""
+    from transformers import AutoModelForCausalLM
+
+    hf_config = hf_config_from_dict(config)
     with no_init_weights():  # weights come from the checkpoint; only buffers need computing
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -21,6 +21,9 @@ class QuantizedWeight:
     scale: torch.Tensor  # [out, groups], storage dtype (the source weight's dtype)
     zero: torch.Tensor | None  # int8 [out, groups], None when symmetric
     spec: QuantSpec
+    # int32 [in]: the group of each input column. None means column j is in group j // width;
+    # GPTQ's act-order (desc_act) assigns groups in activation order instead.
+    g_idx: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -29,12 +32,26 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         """Weights in the scale's dtype, computed the way compressed-tensors computes them."""
         out_f, in_f = self.codes.shape
+        if self.g_idx is not None:
+            levels = self.codes.to(self.scale.dtype)
+            index = self.g_idx.long()
+            if self.zero is not None:
+                levels = levels - self.zero.to(self.scale.dtype)[:, index]
+            return levels * self.scale[:, index]
         groups = self.scale.shape[1]
         width = in_f // groups
         levels = self.codes.reshape(out_f, groups, width).to(self.scale.dtype)
         if self.zero is not None:
             levels = levels - self.zero.to(self.scale.dtype).unsqueeze(-1)
         return (levels * self.scale.unsqueeze(-1)).reshape(out_f, in_f)
+
+    def column_groups(self) -> torch.Tensor:
+        """int32 [in]: the group index of every input column (g_idx, explicit or implied)."""
+        if self.g_idx is not None:
+            return self.g_idx.to(torch.int32)
+        in_f = self.codes.shape[1]
+        width = in_f // self.scale.shape[1]
+        return (torch.arange(in_f) // width).to(torch.int32)
 
 
 def _grouped(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -74,10 +91,10 @@ def quantize_codes(
     return levels.clamp_(spec.qmin, spec.qmax).to(torch.int8).reshape(weight.shape)
 
 
-def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype | None = None) -> QuantizedWeight:
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     wmin, wmax = torch.aminmax(_grouped(weight, spec), dim=-1)
-    scale, zero = compute_qparams(wmin, wmax, spec, weight.dtype)
+    scale, zero = compute_qparams(wmin, wmax, spec, scale_dtype or weight.dtype)
     codes = quantize_codes(weight, scale, zero, spec)
     return QuantizedWeight(codes, scale, zero, spec)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 from infopt.errors import InfoptError
 
@@ -121,12 +122,14 @@ def build_plan(
     spec: QuantSpec,
     ignore: list[str] = (),
     overrides: list[tuple[str, QuantSpec | None]] = (),
+    packable: Callable[[tuple[int, int], QuantSpec], str | None] | None = None,
 ) -> QuantPlan:
     """Decide a spec (or none, with the reason) for every candidate linear, in the given order.
 
     The last matching override wins; `ignore` patterns always win. A linear whose input dimension
     the group size does not divide stays in full precision with a warning: the packed formats
-    cannot represent a ragged last group.
+    cannot represent a ragged last group. `packable` lets the output format refuse shapes it cannot
+    pack (returning the reason); those linears also stay in full precision with a warning.
     """
     ignore_res = [_compile(p) for p in ignore]
     override_res = [(_compile(p), s) for p, s in overrides]
@@ -140,6 +143,11 @@ def build_plan(
             chosen, note = None, "ignored"
         if chosen is not None and not chosen.fits(shape[1]):
             note = f"in_features {shape[1]} not divisible by group size {chosen.group_size}"
+            warnings.append(f"{module} left in full precision: {note}")
+            chosen = None
+        reason = packable(shape, chosen) if chosen is not None and packable is not None else None
+        if reason:
+            note = reason
             warnings.append(f"{module} left in full precision: {note}")
             chosen = None
         entries.append(PlanEntry(module, shape, chosen, note))

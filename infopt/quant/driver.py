@@ -1,0 +1,235 @@
+"""The sequential layer driver every calibrated method shares.
+
+For each decoder layer: load it alone from disk, let the method quantize its linears in
+true-sequential order (each group sees inputs produced by the already-quantized groups before it),
+run the quantized layer to get the next layer's inputs, save the layer's result to a part file in
+the work folder, and release it. Peak memory is one layer plus the calibration activations.
+
+A run whose work folder holds finished part files resumes after the last one: the finished layers
+are re-run from their saved results to rebuild the activations, so the end result is identical.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from infopt.errors import InfoptError
+from infopt.models.streaming import LayerStream, _StopForward, move_kwargs
+from infopt.quant.rtn import QuantizedWeight
+from infopt.quant.spec import QuantSpec
+
+Progress = Callable[[str, int, int], None]
+STATE_FILE = "state.json"
+
+
+class ActivationStore:
+    """[windows, seq, hidden] activations in host memory, or in a file on disk when `path` is given."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, path: Path | None = None):
+        self.dtype = dtype
+        if path is None:
+            self.data = torch.empty(shape, dtype=dtype)
+            return
+        storage = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[dtype]
+        array = np.lib.format.open_memmap(str(path), mode="w+", dtype=storage, shape=shape)
+        self.data = torch.from_numpy(array).view(dtype) if dtype == torch.bfloat16 else torch.from_numpy(array)
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+
+@dataclass
+class Linear:
+    name: str  # full module name
+    module: nn.Linear
+    spec: QuantSpec
+
+
+@dataclass
+class LayerResult:
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # full module name -> weight
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)  # full tensor name -> rewritten tensor
+    info: dict[str, dict] = field(default_factory=dict)  # per module: error, damp, seconds, ...
+
+
+class LayerContext:
+    """What a method sees of one decoder layer: its linears in groups and a way to run it."""
+
+    def __init__(self, index: int, layer: nn.Module, groups: list[list[Linear]], inputs: ActivationStore,
+                 kwargs: dict, device: torch.device, dtype: torch.dtype, micro_batch: int):
+        self.index = index
+        self.layer = layer
+        self.groups = groups
+        self.inputs = inputs
+        self.kwargs = move_kwargs(kwargs, device)
+        self.device = device
+        self.dtype = dtype
+        self.micro_batch = micro_batch
+
+    def _batches(self):
+        for start in range(0, len(self.inputs), self.micro_batch):
+            yield start, self.inputs.data[start : start + self.micro_batch].to(self.device, self.dtype)
+
+    def run(self, outputs: ActivationStore | None = None) -> None:
+        """The layer on every calibration window; outputs stored when a store is given."""
+        with torch.no_grad():
+            for start, batch in self._batches():
+                out = self.layer(batch, **self.kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                if outputs is not None:
+                    outputs.data[start : start + out.shape[0]] = out.to("cpu", outputs.dtype)
+
+    def observe_inputs(self, module: nn.Module, observe: Callable[[torch.Tensor], None]) -> None:
+        """Feed `module`'s inputs on every window to `observe`, running the layer only up to it."""
+
+        def hook(_module, args):
+            observe(args[0].detach())
+            raise _StopForward
+
+        handle = module.register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                for _, batch in self._batches():
+                    try:
+                        self.layer(batch, **self.kwargs)
+                    except _StopForward:
+                        pass
+        finally:
+            handle.remove()
+
+    def set_quantized(self, linear: Linear, weight: QuantizedWeight) -> None:
+        """Make the layer compute with the dequantized weight from now on."""
+        linear.module.weight.data = weight.dequantize().to(self.device, self.dtype)
+
+
+class CalibratedMethod(Protocol):
+    name: str
+
+    def quantize_layer(self, ctx: LayerContext) -> LayerResult: ...
+
+
+def _apply(ctx: LayerContext, prefix: str, result: LayerResult) -> None:
+    """Put a saved layer result back into a freshly loaded layer (resume)."""
+    modules = dict(ctx.layer.named_modules())
+    for name, weight in result.quantized.items():
+        modules[name[len(prefix) + 1 :]].weight.data = weight.dequantize().to(ctx.device, ctx.dtype)
+    if result.dense:
+        state = {k[len(prefix) + 1 :]: v.to(ctx.device, ctx.dtype) for k, v in result.dense.items()}
+        ctx.layer.load_state_dict(state, strict=False)
+
+
+def part_path(work_dir: Path, index: int) -> Path:
+    return work_dir / f"layer-{index:05d}.safetensors"
+
+
+def save_part(path: Path, result: LayerResult) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    specs = {}
+    for module, w in result.quantized.items():
+        tensors[f"{module}::codes"] = w.codes
+        tensors[f"{module}::scale"] = w.scale
+        if w.zero is not None:
+            tensors[f"{module}::zero"] = w.zero
+        if w.g_idx is not None:
+            tensors[f"{module}::g_idx"] = w.g_idx
+        specs[module] = [w.spec.bits, w.spec.group_size, w.spec.symmetric]
+    for name, tensor in result.dense.items():
+        tensors[f"{name}::dense"] = tensor
+    meta = {"specs": json.dumps(specs, sort_keys=True), "info": json.dumps(result.info, sort_keys=True)}
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous().cpu() for k, v in sorted(tensors.items())}, str(tmp), metadata=meta)
+    tmp.rename(path)
+
+
+def load_part(path: Path) -> LayerResult:
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    result = LayerResult(info=json.loads(meta["info"]))
+    for module, (bits, group, sym) in json.loads(meta["specs"]).items():
+        result.quantized[module] = QuantizedWeight(
+            tensors[f"{module}::codes"], tensors[f"{module}::scale"], tensors.get(f"{module}::zero"),
+            QuantSpec(bits, group, sym), tensors.get(f"{module}::g_idx"))
+    result.dense = {k.removesuffix("::dense"): v for k, v in tensors.items() if k.endswith("::dense")}
+    return result
+
+
+def prepare_work_dir(work_dir: Path, fingerprint: str, resume: bool, force: bool) -> int:
+    """Make the work folder ready; return how many layers are already finished there."""
+    state_file = work_dir / STATE_FILE
+    if work_dir.exists() and not resume:
+        if not force:
+            raise InfoptError(f"an unfinished run exists in {work_dir}; pass --resume to continue it "
+                              "or --force to start over")
+        for child in work_dir.iterdir():
+            child.unlink()
+    if resume and state_file.is_file():
+        state = json.loads(state_file.read_text())
+        if state.get("fingerprint") != fingerprint:
+            raise InfoptError(f"{work_dir} holds a run with other inputs or settings; "
+                              "rerun without --resume and with --force to start over")
+        done = 0
+        while part_path(work_dir, done).is_file():
+            done += 1
+        return done
+    work_dir.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    return 0
+
+
+def run_layers(stream: LayerStream, windows: torch.Tensor, specs: dict[str, QuantSpec], method: CalibratedMethod,
+               work_dir: Path, done: int = 0, activation_dtype: torch.dtype | None = None,
+               offload: bool = False, progress: Progress | None = None) -> dict:
+    """Quantize every decoder layer in turn; results land in `work_dir` as one part file per layer."""
+    start_time = time.perf_counter()
+    inputs = stream.capture_inputs(windows)
+    store_dtype = activation_dtype or stream.dtype
+    shape = tuple(inputs.hidden.shape)
+    current = ActivationStore(shape, store_dtype, work_dir / "act-a.npy" if offload else None)
+    current.data.copy_(inputs.hidden)
+    del inputs.hidden
+    spare = ActivationStore(shape, store_dtype, work_dir / "act-b.npy" if offload else None)
+    micro_batch = max(1, 8192 // shape[1])
+    timings = []
+    for index in range(stream.num_layers):
+        layer_start = time.perf_counter()
+        prefix = stream.layer_prefix(index)
+        layer = stream.load_layer(index)
+        modules = dict(layer.named_modules())
+        groups = []
+        for group in stream.adapter.linear_groups:
+            members = [Linear(f"{prefix}.{rel}", modules[rel], specs[f"{prefix}.{rel}"])
+                       for rel in group if f"{prefix}.{rel}" in specs]
+            if members:
+                groups.append(members)
+        ctx = LayerContext(index, layer, groups, current, inputs.kwargs[index], stream.device, stream.dtype,
+                           micro_batch)
+        if index < done:
+            _apply(ctx, prefix, load_part(part_path(work_dir, index)))
+        else:
+            result = method.quantize_layer(ctx)
+            save_part(part_path(work_dir, index), result)
+        ctx.run(outputs=spare)
+        stream.release_layer(index)
+        current, spare = spare, current
+        timings.append(time.perf_counter() - layer_start)
+        if progress:
+            progress("layers", index + 1, stream.num_layers)
+    for name in ("act-a.npy", "act-b.npy"):
+        (work_dir / name).unlink(missing_ok=True)
+    return {"seconds": time.perf_counter() - start_time, "layer_seconds": timings, "resumed_layers": done}
+
+
+def iter_results(work_dir: Path, num_layers: int):
+    for index in range(num_layers):
+        yield index, load_part(part_path(work_dir, index))

@@ -1,0 +1,206 @@
+"""GPTQ: quantize one linear's weight column by column, correcting later columns for each error.
+
+Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", Algorithm 1. With H = 2 X X^T over the calibration inputs and U the upper Cholesky
+factor of H^-1, quantizing column i with error e_i = (w_i - q_i) / U_ii moves every later column j by
+-e_i * U_ij. Columns are processed in blocks (lazy batch updates): the update of columns beyond the
+current block is applied once per block as one matrix product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from infopt.errors import InfoptError
+from infopt.quant.rtn import QuantizedWeight, compute_qparams
+from infopt.quant.spec import QuantSpec
+
+MAX_DAMP_RETRIES = 6
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
+    block_size: int = 128
+    act_order: bool = False  # desc_act: quantize columns in order of decreasing Hessian diagonal
+    static_groups: bool = False  # group parameters from the unmodified weight, before any update
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damp < 1:
+            raise InfoptError(f"invalid --damp {self.damp}: use a fraction such as 0.01")
+        if self.block_size < 1:
+            raise InfoptError(f"invalid block size {self.block_size}")
+
+
+class Hessian:
+    """Running H = 2/n sum_t x_t x_t^T over n input rows (tokens), kept in float32."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu"):
+        self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.rows = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).to(self.sum.device, torch.float32)
+        self.sum.addmm_(x.T, x)
+        self.rows += x.shape[0]
+
+    def matrix(self) -> torch.Tensor:
+        if self.rows == 0:
+            raise InfoptError("no calibration inputs reached this linear")
+        return self.sum * (2.0 / self.rows)
+
+
+@dataclass
+class GPTQResult:
+    weight: QuantizedWeight
+    damp: float  # the dampening fraction finally used (raised when H was not positive definite)
+    dead_columns: int
+    output_error: float  # tr(E H E^T) / tr(W H W^T), E = W - Q: relative output MSE on the calibration set
+
+
+def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, raising damp tenfold on failure."""
+    mean_diag = hessian.diagonal().mean()
+    for _ in range(MAX_DAMP_RETRIES):
+        damped = hessian.clone()
+        damped.diagonal().add_(damp * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper, damp
+        damp *= 10
+    raise InfoptError(f"the Hessian is not positive definite even with damp {damp / 10:g}")
+
+
+class _GroupParams:
+    """Scale and zero point per group, filled as GPTQ reaches each group's first column."""
+
+    def __init__(self, out_features: int, groups: int, spec: QuantSpec, dtype: torch.dtype, device):
+        self.spec = spec
+        self.dtype = dtype
+        self.scale = torch.ones(out_features, groups, dtype=dtype, device=device)
+        self.zero = None if spec.symmetric else torch.zeros(out_features, groups, dtype=torch.int8, device=device)
+
+    def fit(self, group: int, columns: torch.Tensor) -> None:
+        wmin, wmax = torch.aminmax(columns, dim=1)
+        scale, zero = compute_qparams(wmin, wmax, self.spec, self.dtype)
+        self.scale[:, group] = scale
+        if zero is not None:
+            self.zero[:, group] = zero
+
+    def column(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.scale[:, group].float()
+        zero = self.zero[:, group].float() if self.zero is not None else torch.zeros_like(scale)
+        return scale, zero
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, config: GPTQConfig = GPTQConfig(),
+                  scale_dtype: torch.dtype | None = None) -> GPTQResult:
+    """Quantize `weight` [out, in] given the Hessian [in, in] of its inputs."""
+    out_f, in_f = weight.shape
+    if not spec.fits(in_f):
+        raise InfoptError(f"group size {spec.group_size} does not divide {in_f} input features")
+    device = hessian.device
+    scale_dtype = scale_dtype or weight.dtype
+    w = weight.to(device, torch.float32).clone()
+    h = hessian.to(torch.float32).clone()
+    original_h = hessian.to(torch.float32)
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+
+    group_size = in_f if spec.group_size == -1 else spec.group_size
+    params = _GroupParams(out_f, spec.num_groups(in_f), spec, scale_dtype, device)
+    if spec.group_size == -1:
+        params.fit(0, w)
+    elif config.static_groups:
+        for g in range(in_f // group_size):
+            params.fit(g, w[:, g * group_size : (g + 1) * group_size])
+
+    perm = torch.argsort(h.diagonal(), descending=True) if config.act_order else torch.arange(in_f, device=device)
+    if config.act_order:
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    # the group of the column at each (possibly permuted) position
+    if config.static_groups or spec.group_size == -1:
+        position_group = perm // group_size if spec.group_size != -1 else torch.zeros_like(perm)
+    else:
+        position_group = torch.arange(in_f, device=device) // group_size
+    dynamic_groups = spec.group_size != -1 and not config.static_groups
+
+    upper, damp = _inverse_cholesky(h, config.damp)
+    codes = torch.zeros(out_f, in_f, dtype=torch.int8, device=device)
+    position_group_list = position_group.tolist()
+    for start in range(0, in_f, config.block_size):
+        end = min(start + config.block_size, in_f)
+        block = w[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        u_block = upper[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            group = position_group_list[column]
+            if dynamic_groups and column % group_size == 0:
+                # the group's current values: updated ones inside this block, pending ones beyond it
+                inside = block[:, i : i + group_size]
+                beyond = w[:, end : column + group_size]
+                params.fit(group, torch.cat([inside, beyond], dim=1) if beyond.numel() else inside)
+            scale, zero = params.column(group)
+            values = block[:, i]
+            q = torch.clamp(torch.round(values / scale) + zero, spec.qmin, spec.qmax)
+            codes[:, column] = q.to(torch.int8)
+            err = (values - (q - zero) * scale) / u_block[i, i]
+            block[:, i:].sub_(err.unsqueeze(1) * u_block[i, i:].unsqueeze(0))
+            errors[:, i] = err
+        w[:, end:].sub_(errors @ upper[start:end, end:])
+
+    if config.act_order:
+        inverse = torch.argsort(perm)
+        codes = codes[:, inverse]
+        position_group = position_group[inverse]
+    g_idx = position_group.to(torch.int32) if config.act_order and dynamic_groups else None
+    result = QuantizedWeight(codes.cpu(), params.scale.cpu(), None if params.zero is None else params.zero.cpu(),
+                             spec, None if g_idx is None else g_idx.cpu())
+    return GPTQResult(result, damp, int(dead.sum()), output_error(weight, result.dequantize(), original_h))
+
+
+def output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Relative output MSE over the calibration inputs: tr(E H E^T) / tr(W H W^T)."""
+    w = weight.to(hessian.device, torch.float32)
+    e = w - quantized.to(hessian.device, torch.float32)
+    num = ((e @ hessian) * e).sum()
+    den = ((w @ hessian) * w).sum()
+    return float(num / den.clamp_min(1e-30))
+
+
+class GPTQMethod:
+    """GPTQ on the sequential driver: one Hessian per group of linears that share an input."""
+
+    name = "gptq"
+
+    def __init__(self, config: GPTQConfig, scale_dtype: torch.dtype | None = None):
+        self.config = config
+        self.scale_dtype = scale_dtype
+
+    def quantize_layer(self, ctx):
+        import time
+
+        from infopt.quant.driver import LayerResult
+
+        result = LayerResult()
+        for group in ctx.groups:
+            hessian = Hessian(group[0].module.in_features, ctx.device)
+            ctx.observe_inputs(group[0].module, hessian.add)
+            matrix = hessian.matrix()
+            for linear in group:
+                start = time.perf_counter()
+                out = gptq_quantize(linear.module.weight.data, matrix, linear.spec, self.config, self.scale_dtype)
+                ctx.set_quantized(linear, out.weight)
+                result.quantized[linear.name] = out.weight
+                result.info[linear.name] = {"output_error": out.output_error, "damp": out.damp,
+                                            "dead_columns": out.dead_columns,
+                                            "seconds": time.perf_counter() - start}
+        return result

@@ -1,0 +1,179 @@
+"""GPTQ: the algorithm's properties, and the sequential driver's resume / offload / streaming behaviour."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from infopt.errors import InfoptError
+from infopt.formats.safetensors_io import weight_files
+from infopt.quant.gptq import GPTQConfig, Hessian, gptq_quantize, output_error
+from infopt.quant.rtn import quantize_rtn
+from infopt.quant.spec import QuantSpec
+from infopt.workflows import QuantizeRequest, quantize, work_dir_for
+from tests.tiny_models import make_tiny_model
+
+
+def _problem(out_f=64, in_f=256, rows=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_f, in_f, generator=g)
+    mix = torch.randn(in_f, in_f, generator=g) / in_f**0.5
+    scales = torch.linspace(0.1, 3.0, in_f)  # a few strong input channels, as in real activations
+    x = (torch.randn(rows, in_f, generator=g) @ mix) * scales
+    hessian = Hessian(in_f)
+    hessian.add(x)
+    return weight, hessian.matrix()
+
+
+SPECS = [QuantSpec(4, 64, False), QuantSpec(4, -1, True), QuantSpec(3, 32, False), QuantSpec(2, 64, False),
+         QuantSpec(8, -1, True)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe().replace(" ", "-"))
+@pytest.mark.parametrize("config", [GPTQConfig(), GPTQConfig(act_order=True),
+                                    GPTQConfig(act_order=True, static_groups=True), GPTQConfig(static_groups=True)],
+                         ids=["plain", "act-order", "act-order-static", "static"])
+def test_gptq_beats_round_to_nearest_on_output_error(spec, config):
+    weight, hessian = _problem()
+    result = gptq_quantize(weight, hessian, spec, config)
+    rtn = output_error(weight, quantize_rtn(weight, spec).dequantize(), hessian)
+    assert result.output_error < 0.8 * rtn
+    q = result.weight
+    assert q.codes.dtype == torch.int8 and int(q.codes.min()) >= spec.qmin and int(q.codes.max()) <= spec.qmax
+    # the error the result reports is the one of the weights it returns
+    assert result.output_error == pytest.approx(output_error(weight, q.dequantize(), hessian), rel=1e-5)
+
+
+def test_act_order_groups_are_full_groups_of_columns():
+    weight, hessian = _problem()
+    q = gptq_quantize(weight, hessian, QuantSpec(4, 32, True), GPTQConfig(act_order=True)).weight
+    assert q.g_idx is not None and q.g_idx.dtype == torch.int32
+    assert torch.bincount(q.g_idx.long()).tolist() == [32] * 8
+    assert not torch.equal(q.g_idx, torch.arange(256, dtype=torch.int32) // 32)  # really reordered
+    # the first group holds the columns with the largest Hessian diagonal
+    top = set(torch.argsort(hessian.diagonal(), descending=True)[:32].tolist())
+    assert set(torch.nonzero(q.g_idx == 0).flatten().tolist()) == top
+    static = gptq_quantize(weight, hessian, QuantSpec(4, 32, True), GPTQConfig(act_order=True, static_groups=True))
+    assert static.weight.g_idx is None
+
+
+def test_lazy_block_updates_equal_column_by_column_updates():
+    weight, hessian = _problem(in_f=192)
+    spec = QuantSpec(4, 64, False)
+    blocked = gptq_quantize(weight, hessian, spec, GPTQConfig(block_size=128)).weight
+    single = gptq_quantize(weight, hessian, spec, GPTQConfig(block_size=1)).weight
+    agree = (blocked.codes == single.codes).float().mean().item()
+    assert agree > 0.999  # identical maths; only float rounding can flip a tie
+    torch.testing.assert_close(blocked.scale, single.scale, rtol=1e-4, atol=1e-6)
+
+
+def test_dead_columns_are_zeroed_and_counted():
+    weight, hessian = _problem()
+    hessian[:, 5] = 0
+    hessian[5, :] = 0
+    result = gptq_quantize(weight, hessian, QuantSpec(4, 64, False))
+    assert result.dead_columns == 1
+    assert torch.all(result.weight.dequantize()[:, 5] == 0)
+
+
+def test_dampening_is_raised_when_the_hessian_is_not_positive_definite():
+    weight, hessian = _problem()
+    hessian -= 0.05 * hessian.diagonal().mean() * torch.eye(hessian.shape[0])
+    result = gptq_quantize(weight, hessian, QuantSpec(4, 64, True), GPTQConfig(damp=0.01))
+    assert result.damp > 0.01
+    with pytest.raises(InfoptError):
+        gptq_quantize(weight, -torch.eye(256), QuantSpec(4, 64, True))
+
+
+# --- the sequential driver, through the quantize workflow ---
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, stories_hf):
+    """A random Llama with stories260K's tokenizer, so calibration text can be tokenized."""
+    path = make_tiny_model("llama", tmp_path_factory.mktemp("src") / "llama", vocab_size=512)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"):
+        if (stories_hf / name).is_file():
+            shutil.copy(stories_hf / name, path / name)
+    return path
+
+
+def _gptq(src, out, **kw):
+    args = dict(model=str(src), spec=QuantSpec(4, 32, False), out=out, method="gptq", calib="tinystories",
+                calib_samples=8, calib_seq_len=64)
+    args.update(kw)
+    return quantize(QuantizeRequest(**args))
+
+
+def _bytes(folder):
+    return {p.name: p.read_bytes() for p in weight_files(folder)}
+
+
+def test_resume_after_an_interruption_gives_the_identical_checkpoint(tiny_llama, tmp_path, monkeypatch):
+    from infopt.quant import gptq as gptq_module
+
+    full = tmp_path / "full"
+    _gptq(tiny_llama, full)
+    assert not work_dir_for(full).exists()
+
+    original = gptq_module.GPTQMethod.quantize_layer
+    calls = []
+
+    def failing(self, ctx):
+        calls.append(ctx.index)
+        if ctx.index == 1:
+            raise KeyboardInterrupt
+        return original(self, ctx)
+
+    monkeypatch.setattr(gptq_module.GPTQMethod, "quantize_layer", failing)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        _gptq(tiny_llama, resumed)
+    assert not resumed.exists() and (work_dir_for(resumed) / "layer-00000.safetensors").is_file()
+    with pytest.raises(InfoptError, match="--resume"):
+        _gptq(tiny_llama, resumed)
+    with pytest.raises(InfoptError, match="other inputs or settings"):
+        _gptq(tiny_llama, resumed, resume=True, calib_seed=1)
+    monkeypatch.setattr(gptq_module.GPTQMethod, "quantize_layer", original)
+    calls.clear()
+    report = _gptq(tiny_llama, resumed, resume=True)
+    assert report["resumed_layers"] == 1
+    assert _bytes(resumed) == _bytes(full)
+    assert not work_dir_for(resumed).exists()
+
+
+def test_same_inputs_and_seed_give_identical_bytes_and_offload_changes_nothing(tiny_llama, tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    _gptq(tiny_llama, a)
+    _gptq(tiny_llama, b)
+    _gptq(tiny_llama, c, offload_activations=True)
+    assert _bytes(a) == _bytes(b) == _bytes(c)
+    d = tmp_path / "d"
+    _gptq(tiny_llama, d, calib_seed=3)
+    assert _bytes(d) != _bytes(a)
+
+
+def test_gptq_checkpoint_loads_in_transformers_with_act_order(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from infopt.models.loading import load_causal_lm
+
+    out = tmp_path / "q"
+    report = _gptq(tiny_llama, out, gptq=GPTQConfig(act_order=True), activation_dtype=torch.bfloat16)
+    assert report["gptq"]["static_groups"]  # compressed-tensors keeps act-order only with static groups
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconfig["config_groups"]["group_0"]["weights"]["actorder"] == "weight"
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = load_causal_lm(str(out))(ids).logits
+        theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4 * ours.abs().max().item())
+    assert set(report["errors"]) == {e["module"] for e in report["quantized"]}
+    assert all(0 < v < 1 for v in report["errors"].values())
+
+
+def test_calibrated_methods_need_calibration_text(tiny_llama, tmp_path):
+    with pytest.raises(InfoptError, match="--calib"):
+        _gptq(tiny_llama, tmp_path / "q", calib=None)
+    assert not (tmp_path / "q").exists()

@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.infopt-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+export GPTQMODEL_CPU_WORKERS ?= 2
 
 .PHONY: install demo test bench clean
 
@@ -25,7 +26,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/python benchmarks/bench_foundation.py
+	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -1,16 +1,11 @@
 """Foundation benchmarks: RTN + packing speed next to compressed-tensors, and RTN quality on stories260K.
 
-Run with `make bench`; rewrites BENCHMARKS.md. Threads are fixed (torch.set_num_threads(THREADS)).
+A section of BENCHMARKS.md, run by benchmarks/run.py (`make bench`).
 """
 
 from __future__ import annotations
 
-import argparse
-import platform
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,20 +17,6 @@ from infopt.quant.rtn import quantize_rtn
 from infopt.quant.spec import QuantSpec
 from infopt.workflows import QuantizeRequest, convert_llama2c, evaluate_checkpoint, quantize
 
-THREADS = 2
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def _theirs(weight: torch.Tensor, spec: QuantSpec):
@@ -85,6 +66,7 @@ QUALITY_SPECS = [QuantSpec(8, -1, True), QuantSpec(8, -1, False), QuantSpec(4, -
 
 def quality_table(work: Path) -> list[str]:
     folder = require_data_file("tinyllamas-stories260K/stories260K.bin").parent
+    work.mkdir(parents=True, exist_ok=True)
     fp = work / "fp32"
     convert_llama2c(folder / "stories260K.bin", folder / "tok512.model", fp)
     base = evaluate_checkpoint(str(fp), "tinystories")
@@ -103,44 +85,23 @@ def quality_table(work: Path) -> list[str]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
-    args = parser.parse_args()
-    torch.set_num_threads(THREADS)
-    command = "make bench  (python benchmarks/bench_foundation.py)"
-    speed = speed_table(args.repeats)
-    with tempfile.TemporaryDirectory() as tmp:
-        quality = quality_table(Path(tmp))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    text = "\n".join([
-        "# Benchmarks",
-        "",
-        f"Produced by `{command}` at commit {commit or 'unknown'} on: {machine()}.",
-        "Every figure below comes from one run of that command; timings are medians of "
-        f"{args.repeats} alternating runs.",
-        "",
-        "## RTN quantize + pack, side by side with compressed-tensors",
+def section(work: Path, repeats: int = 7) -> list[str]:
+    speed = speed_table(repeats)
+    quality = quality_table(work / "foundation")
+    return [
+        "### RTN quantize + pack, side by side with compressed-tensors",
         "",
         "Time to turn one fp32 weight into packed int32 codes plus scales (compressed-tensors: its minmax",
         "`calculate_qparams`, `quantize` and `pack_to_int32`). Ratio < 1 means infopt is faster. The last",
-        "column checks that both produce the same packed tensor.",
+        f"column checks that both produce the same packed tensor. Medians of {repeats} alternating runs.",
         "",
         *speed,
         "",
-        "## RTN quality on stories260K",
+        "### RTN quality on stories260K",
         "",
         "stories260K (Karpathy's 260K-parameter Llama) has 64 inputs on every linear but `down_proj` (172),",
         "so only group sizes dividing both (4, or per-channel) quantize every linear. Tiny models are",
         "fragile under quantization; the ordering, not the magnitude, carries over to large models.",
         "",
         *quality,
-        "",
-    ])
-    args.output.write_text(text)
-    sys.stdout.write(text)
-
-
-if __name__ == "__main__":
-    main()
+    ]

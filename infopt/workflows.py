@@ -20,7 +20,7 @@ from infopt.calibration.windows import calibration_windows, tokenize
 from infopt.errors import InfoptError
 from infopt.eval.perplexity import default_batch_size, default_seq_len, evaluate
 from infopt.formats import artifact
-from infopt.formats.writers import OutputFormat, output_format
+from infopt.formats.writers import DEFAULT_FORMAT, FOUR_BIT_METHODS, OutputFormat, output_format
 from infopt.formats.safetensors_io import ShardedWriter, check_safetensors, iter_tensors
 from infopt.models import llama2c
 from infopt.models.adapters import adapter_for
@@ -29,7 +29,8 @@ from infopt.paths import atomic_output_dir, check_output_target
 from infopt.models.streaming import LayerStream
 from infopt.quant.driver import LayerResult, iter_results, load_part, part_path, prepare_work_dir, run_layers
 from infopt.quant.gptq import GPTQConfig, GPTQMethod
-from infopt.quant.rtn import quantize_rtn
+from infopt.quant.nf4 import quantize_4bit
+from infopt.quant.rtn import Storage, quantize_rtn
 from infopt.quant.spec import QuantPlan, QuantSpec, build_plan
 
 Progress = Callable[[str, int, int], None]
@@ -67,7 +68,7 @@ def _source_tensors(model: ModelDir) -> Iterator[tuple[str, torch.Tensor]]:
         yield from iter_tensors(model.files)
 
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "nf4", "fp4")
 CALIBRATED = ("gptq",)
 
 
@@ -76,7 +77,7 @@ class QuantizeRequest:
     model: str
     spec: QuantSpec
     out: Path | None
-    fmt: str = "compressed-tensors"
+    fmt: str | None = None  # None: the method's usual format
     method: str = "rtn"
     ignore: list[str] = field(default_factory=list)
     overrides: list[tuple[str, QuantSpec | None]] = field(default_factory=list)
@@ -98,6 +99,18 @@ class QuantizeRequest:
     resume: bool = False
     offload_activations: bool = False
     activation_dtype: torch.dtype | None = None
+    # nf4 / fp4 (bitsandbytes)
+    block_size: int = 64
+    double_quant: bool = False
+
+    @property
+    def format_name(self) -> str:
+        return self.fmt or DEFAULT_FORMAT.get(self.method, "compressed-tensors")
+
+    def describe(self) -> str:
+        if self.method in FOUR_BIT_METHODS:
+            return f"{self.method} block {self.block_size}" + (" double-quant" if self.double_quant else "")
+        return self.spec.describe()
 
 
 def plan_quantization(req: QuantizeRequest, model: ModelDir) -> QuantPlan:
@@ -106,7 +119,10 @@ def plan_quantization(req: QuantizeRequest, model: ModelDir) -> QuantPlan:
     adapter = adapter_for(text_config(model.config))
     candidates = adapter.layer_linears(model.num_layers)
     tied = bool(text_config(model.config).get("tie_word_embeddings", False))
+    fmt = output_format(req.format_name, req.method)
     if req.include_lm_head:
+        if fmt.decoder_layers_only:
+            raise InfoptError(f"--format {fmt.name} cannot store a quantized lm_head")
         if req.method in CALIBRATED:
             raise InfoptError(f"--include-lm-head is not available with --method {req.method} (use rtn)")
         if tied:
@@ -115,14 +131,38 @@ def plan_quantization(req: QuantizeRequest, model: ModelDir) -> QuantPlan:
     shapes = _linear_shapes(model, candidates)
     if not shapes:
         raise InfoptError(f"{model.path}: none of the {adapter.name} linears were found in the weights")
-    plan = build_plan(shapes, req.spec, req.ignore, req.overrides, output_format(req.fmt).packable)
+    spec = req.spec
+    if req.method in FOUR_BIT_METHODS:
+        if any(o is not None for _, o in req.overrides):
+            raise InfoptError(f"--method {req.method} takes only REGEX=skip overrides")
+        spec = QuantSpec(4, -1, True)  # blockwise over the whole weight: every shape fits
+    plan = build_plan(shapes, spec, req.ignore, req.overrides, fmt.packable)
     if not plan.quantized:
         raise InfoptError("the plan quantizes nothing: every linear is ignored or skipped")
+    if fmt.uniform_spec and len({e.spec for e in plan.quantized}) > 1:
+        raise InfoptError(f"--format {fmt.name} stores one scheme for the whole model; drop the --override "
+                          "options that change bits/group/symmetry (or use --format compressed-tensors)")
     return plan
 
 
-def _rtn_items(model: ModelDir, plan: QuantPlan, scale_dtype: torch.dtype | None, errors: dict[str, float],
+def _four_bit_bytes(shape: tuple[int, int], block: int, double_quant: bool) -> int:
+    numel = shape[0] * shape[1]
+    blocks = -(-numel // block)
+    scales = blocks + 4 * -(-blocks // 256) + 4 * 256 if double_quant else 4 * blocks
+    return -(-numel // 2) + scales + 4 * 16
+
+
+def _expected_bytes(req: QuantizeRequest, plan: QuantPlan, dtype_bytes: int) -> int:
+    if req.method not in FOUR_BIT_METHODS:
+        return plan.expected_bytes(dtype_bytes)
+    dense = sum(o * i * dtype_bytes for o, i in (e.shape for e in plan.skipped))
+    return plan.dense_bytes + dense + sum(_four_bit_bytes(e.shape, req.block_size, req.double_quant)
+                                          for e in plan.quantized)
+
+
+def _rtn_items(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, storage: Storage, errors: dict[str, float],
                progress: Progress | None):
+    """Calibration-free methods, one weight at a time as the source is streamed."""
     specs = {e.module: e.spec for e in plan.quantized}
     done = 0
     for name, tensor in _source_tensors(model):
@@ -131,7 +171,10 @@ def _rtn_items(model: ModelDir, plan: QuantPlan, scale_dtype: torch.dtype | None
         if spec is None:
             yield name, tensor
             continue
-        q = quantize_rtn(tensor, spec, scale_dtype)
+        if req.method in FOUR_BIT_METHODS:
+            q = quantize_4bit(tensor, req.method, req.block_size, req.double_quant)
+        else:
+            q = quantize_rtn(tensor, spec, storage)
         diff = (q.dequantize().float() - tensor.float()).pow(2).sum()
         errors[module] = float(diff / tensor.float().pow(2).sum().clamp_min(1e-30))
         done += 1
@@ -185,12 +228,12 @@ def work_dir_for(out: Path) -> Path:
 
 
 def _fingerprint(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, windows: torch.Tensor,
-                 scale_dtype: torch.dtype | None) -> str:
+                 storage: Storage) -> str:
     digest = hashlib.sha256()
     files = [(p.name, p.stat().st_size) for p in model.files]
     settings = {"model": str(model.path.resolve()), "files": files, "config": model.config, "method": req.method,
                 "plan": [(e.module, e.spec.describe() if e.spec else None) for e in plan.entries],
-                "gptq": req.gptq.__dict__, "scale_dtype": str(scale_dtype), "fmt": req.fmt,
+                "gptq": req.gptq.__dict__, "storage": str(storage), "fmt": req.format_name,
                 "activation_dtype": str(req.activation_dtype)}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     digest.update(windows.numpy().tobytes())
@@ -204,9 +247,9 @@ def _run_calibrated(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, fmt:
     if config.act_order and not fmt.supports_g_idx and not config.static_groups:
         config = replace(config, static_groups=True)
     work_dir = work_dir_for(req.out)
-    done = prepare_work_dir(work_dir, _fingerprint(req, model, plan, windows, fmt.scale_dtype), req.resume, req.force)
+    done = prepare_work_dir(work_dir, _fingerprint(req, model, plan, windows, fmt.storage), req.resume, req.force)
     stream = LayerStream(model, torch.float32, resolve_device(req.device))
-    method = GPTQMethod(config, fmt.scale_dtype)
+    method = GPTQMethod(config, fmt.storage)
     specs = {e.module: e.spec for e in plan.quantized}
     timing = run_layers(stream, windows, specs, method, work_dir, done, req.activation_dtype,
                         req.offload_activations, progress)
@@ -219,11 +262,22 @@ def _run_calibrated(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, fmt:
     return work_dir, details
 
 
+def _check_method_options(req: QuantizeRequest) -> None:
+    """Refuse options the chosen method would silently ignore."""
+    if req.method != "gptq" and (req.gptq.act_order or req.gptq.static_groups):
+        raise InfoptError("--act-order and --static-groups apply to --method gptq only")
+    if req.method not in CALIBRATED and (req.calib or req.resume):
+        raise InfoptError(f"--method {req.method} needs no calibration; drop --calib/--resume")
+    if req.method not in FOUR_BIT_METHODS and req.double_quant:
+        raise InfoptError("--double-quant applies to --method nf4/fp4 only")
+
+
 def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     """Plan, quantize and write a checkpoint; with dry_run only the plan is returned."""
     if req.method not in METHODS:
         raise InfoptError(f"method {req.method!r} is not available (available: {', '.join(METHODS)})")
-    fmt = output_format(req.fmt)
+    fmt = output_format(req.format_name, req.method)
+    _check_method_options(req)
     if req.method in CALIBRATED:
         resolve_device(req.device)
     if req.out is not None and not req.dry_run:
@@ -234,12 +288,14 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     report = {
         "source": req.model,
         "method": req.method,
-        "format": req.fmt,
-        "spec": req.spec.describe(),
-        "quantized": [{"module": e.module, "shape": list(e.shape), "spec": e.spec.describe()} for e in plan.quantized],
+        "format": fmt.name,
+        "spec": req.describe(),
+        "quantized": [{"module": e.module, "shape": list(e.shape),
+                       "spec": req.describe() if req.method in FOUR_BIT_METHODS else e.spec.describe()}
+                      for e in plan.quantized],
         "skipped": [{"module": e.module, "reason": e.note} for e in plan.skipped],
         "warnings": plan.warnings,
-        "expected_linear_bytes": plan.expected_bytes(dtype_bytes),
+        "expected_linear_bytes": _expected_bytes(req, plan, dtype_bytes),
         "source_linear_bytes": sum(o * i for o, i in (e.shape for e in plan.entries)) * dtype_bytes,
     }
     if req.dry_run:
@@ -249,7 +305,8 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     start = time.perf_counter()
     adapter = adapter_for(text_config(model.config))
     errors: dict[str, float] = {}
-    method_info = {"method": req.method}
+    method_info = {"method": req.method, "quant_type": req.method, "double_quant": req.double_quant,
+                   "compute_dtype": _compute_dtype(model)}
     if req.method in CALIBRATED:
         work_dir, details = _run_calibrated(req, model, plan, fmt, progress)
         report.update(details)
@@ -260,7 +317,7 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     else:
         work_dir = None
         report["error_metric"] = "relative weight MSE"
-        items = _rtn_items(model, plan, fmt.scale_dtype, errors, progress)
+        items = _rtn_items(req, model, plan, fmt.storage, errors, progress)
     with atomic_output_dir(req.out, req.force) as tmp:
         writer = ShardedWriter(tmp, req.max_shard_bytes)
         specs = fmt.write_weights(writer, items)
@@ -277,7 +334,7 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
         if req.eval_dataset:
             metrics = evaluate_checkpoint(str(tmp), req.eval_dataset, baseline=model, max_windows=req.eval_max_windows)
             report["eval"] = metrics
-        settings = {"method": req.method, "format": req.fmt, "scheme": req.spec.describe(),
+        settings = {"method": req.method, "format": fmt.name, "scheme": req.describe(),
                     "quantized linears": len(specs), "ignored": ", ".join(sorted(dense))}
         if "calibration" in report:
             c = report["calibration"]
@@ -313,6 +370,11 @@ def _card_metrics(metrics: dict, dataset: str | None) -> dict:
                     "KL(baseline || this)": f"{metrics['kl_mean']:.6f}",
                     "top-1 agreement": f"{metrics['top1_agreement']:.4%}"})
     return out
+
+
+def _compute_dtype(model: ModelDir) -> torch.dtype:
+    dtype = str(text_config(model.config).get("torch_dtype") or model.config.get("dtype") or "float32")
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype, torch.float32)
 
 
 def _source_element_bytes(model: ModelDir) -> int:

@@ -59,14 +59,14 @@ def convert_llama2c(
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="Model folder or hub id."),
-    method: str = typer.Option("rtn", "--method", help="Quantization method: rtn or gptq."),
+    method: str = typer.Option("rtn", "--method", help="Quantization method: rtn, gptq, nf4 or fp4."),
     bits: int = typer.Option(4, "--bits", help="Bits per weight: 2, 3, 4 or 8."),
     group_size: int = typer.Option(128, "--group-size", help="Inputs per scale; -1 for one scale per output channel."),
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (no zero point) or asymmetric."),
     ignore: list[str] = typer.Option([], "--ignore", help="Regex of modules to leave in full precision (repeatable)."),
     override: list[str] = typer.Option([], "--override", help="REGEX=BITS[:GROUP][:sym|asym] or REGEX=skip (repeatable)."),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize lm_head too (rtn)."),
-    fmt: str = typer.Option("compressed-tensors", "--format", help="Output format: compressed-tensors or gptq."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Output format: compressed-tensors (rtn/gptq default), gptq, or bnb (nf4/fp4 default)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder (and any unfinished run)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
@@ -79,7 +79,9 @@ def quantize(
     damp: float = typer.Option(0.01, "--damp", help="GPTQ dampening, a fraction of the mean Hessian diagonal."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing activation (desc_act)."),
     static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: group scales from the original weights."),
-    block_size: int = typer.Option(128, "--block-size", help="GPTQ lazy-update block (columns)."),
+    gptq_block_size: int = typer.Option(128, "--gptq-block-size", help="GPTQ lazy-update block (columns)."),
+    block_size: int = typer.Option(64, "--block-size", help="nf4/fp4: weights per absmax block (32 to 4096)."),
+    double_quant: bool = typer.Option(False, "--double-quant", help="nf4/fp4: quantize the absmax values to 8 bits too."),
     device: str = typer.Option("auto", "--device", help="Where layers are quantized: auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
     offload_activations: bool = typer.Option(False, "--offload-activations", help="Keep calibration activations on disk."),
@@ -101,9 +103,10 @@ def quantize(
                           force=force, dry_run=dry_run, max_shard_bytes=parse_size(max_shard_size),
                           allow_pickle=allow_pickle, eval_dataset=eval_dataset, eval_max_windows=eval_max_windows,
                           calib=calib, calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_seed=seed,
-                          text_field=text_field, gptq=GPTQConfig(damp, block_size, act_order, static_groups),
+                          text_field=text_field, gptq=GPTQConfig(damp, gptq_block_size, act_order, static_groups),
                           device=device, resume=resume, offload_activations=offload_activations,
-                          activation_dtype=parse_dtype(activation_dtype) if activation_dtype else None)
+                          activation_dtype=parse_dtype(activation_dtype) if activation_dtype else None,
+                          block_size=block_size, double_quant=double_quant)
     if not dry_run and out is None:
         raise InfoptError("--out is required unless --dry-run")
     with progress_bar(not json_out) as progress:
@@ -275,8 +278,17 @@ def demo(
     run_demo(out, max_windows, force)
 
 
+def _quiet_optional_peers() -> None:
+    """transformers imports torchao when it is installed; its missing-CUDA-kernel notices are noise here."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main() -> None:
     debug = os.environ.get("INFOPT_DEBUG")
+    _quiet_optional_peers()
     try:
         app(standalone_mode=False)
     except InfoptError as exc:

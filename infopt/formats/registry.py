@@ -7,11 +7,14 @@ from pathlib import Path
 import torch
 
 from infopt.errors import InfoptError
-from infopt.formats import compressed_tensors
+from infopt.formats import bnb, compressed_tensors, gptq
 from infopt.quant.rtn import QuantizedWeight
 
-WRITE_FORMATS = ("compressed-tensors",)
-_READERS = {compressed_tensors.QUANT_METHOD: compressed_tensors.read_quantized}
+_READERS = {
+    compressed_tensors.QUANT_METHOD: compressed_tensors.read_quantized,
+    gptq.QUANT_METHOD: gptq.read_quantized,
+    bnb.QUANT_METHOD: bnb.read_quantized,
+}
 
 
 def read_quantized(files: list[Path], config: dict) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from infopt.errors import InfoptError
 
@@ -67,11 +66,39 @@ def tensor_names(files: list[Path]) -> dict[str, Path]:
     return names
 
 
+# safetensors dtype names (https://github.com/huggingface/safetensors, format description)
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def _data_start(path: Path) -> int:
+    with open(path, "rb") as handle:
+        return 8 + struct.unpack("<Q", handle.read(8))[0]
+
+
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor, by name within each file, read with plain file reads.
+
+    No memory map: mapped pages of a large shard would count as resident memory of this process
+    for as long as the file stays open, which defeats streaming a checkpoint one tensor at a time.
+    """
     for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
+        header = check_safetensors(path)
+        start = _data_start(path)
+        with open(path, "rb") as handle:
+            for name in sorted(k for k in header if k != "__metadata__"):
+                info = header[name]
+                if info["dtype"] not in DTYPES:
+                    raise InfoptError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+                begin, end = info["data_offsets"]
+                handle.seek(start + begin)
+                buffer = bytearray(end - begin)
+                handle.readinto(buffer)
+                dtype = DTYPES[info["dtype"]]
+                flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+                yield name, flat.reshape(info["shape"])
 
 
 def load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -79,35 +106,63 @@ def load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 class ShardedWriter:
-    """Collects tensors in the order given and writes shards of at most `max_shard_bytes`."""
+    """Writes tensors in the order given into shards of at most `max_shard_bytes`.
+
+    Tensor data goes straight to a spill file as it arrives; when a shard is complete its header is
+    written and the data appended, so memory use is one tensor, whatever the checkpoint size.
+    """
 
     def __init__(self, out_dir: Path, max_shard_bytes: int = 5 * 10**9):
         self.out_dir = out_dir
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._entries: dict[str, dict] = {}
+        self._spill = None
+        self._spill_bytes = 0
         self._shards: list[list[str]] = []
+        self._names: set[str] = set()
         self.total_bytes = 0
 
+    def _spill_path(self) -> Path:
+        return self.out_dir / f".part-{len(self._shards)}.data"
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in shard for shard in self._shards):
+        if name in self._names:
             raise ValueError(f"tensor {name} written twice")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+        if tensor.dtype not in DTYPE_NAMES:
+            raise InfoptError(f"cannot store tensor {name} of dtype {tensor.dtype} in safetensors")
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        if self._entries and self._spill_bytes + len(data) > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += nbytes
-        self.total_bytes += nbytes
+        if self._spill is None:
+            self._spill = open(self._spill_path(), "wb")
+        self._spill.write(data)
+        self._entries[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [self._spill_bytes, self._spill_bytes + len(data)]}
+        self._spill_bytes += len(data)
+        self._names.add(name)
+        self.total_bytes += len(data)
 
     def _flush(self) -> None:
+        spill = self._spill_path()
+        if self._spill is None:
+            open(spill, "wb").close()
+        else:
+            self._spill.close()
+        header = {"__metadata__": METADATA, **dict(sorted(self._entries.items()))}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data must start 8-byte aligned
         part = self.out_dir / f".part-{len(self._shards)}.safetensors"
-        save_file(self._pending, str(part), metadata=METADATA)
-        self._shards.append(sorted(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        with open(part, "wb") as out, open(spill, "rb") as data:
+            out.write(struct.pack("<Q", len(encoded)))
+            out.write(encoded)
+            shutil.copyfileobj(data, out, 16 * 2**20)
+        spill.unlink()
+        self._shards.append(sorted(self._entries))
+        self._entries, self._spill, self._spill_bytes = {}, None, 0
 
     def close(self) -> list[str]:
         """Finish the shards, name them as transformers expects, and write the index if sharded."""
-        if self._pending or not self._shards:
+        if self._entries or not self._shards:
             self._flush()
         count = len(self._shards)
         if count == 1:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from infopt.errors import InfoptError
-from infopt.quant.rtn import QuantizedWeight, compute_qparams
+from infopt.quant.rtn import QuantizedWeight, Storage, compute_qparams
 from infopt.quant.spec import QuantSpec
 
 MAX_DAMP_RETRIES = 6
@@ -79,15 +79,17 @@ def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor,
 class _GroupParams:
     """Scale and zero point per group, filled as GPTQ reaches each group's first column."""
 
-    def __init__(self, out_features: int, groups: int, spec: QuantSpec, dtype: torch.dtype, device):
+    def __init__(self, out_features: int, groups: int, spec: QuantSpec, dtype: torch.dtype, device,
+                 min_zero_offset: int = 0):
         self.spec = spec
         self.dtype = dtype
+        self.min_zero_offset = min_zero_offset
         self.scale = torch.ones(out_features, groups, dtype=dtype, device=device)
         self.zero = None if spec.symmetric else torch.zeros(out_features, groups, dtype=torch.int8, device=device)
 
     def fit(self, group: int, columns: torch.Tensor) -> None:
         wmin, wmax = torch.aminmax(columns, dim=1)
-        scale, zero = compute_qparams(wmin, wmax, self.spec, self.dtype)
+        scale, zero = compute_qparams(wmin, wmax, self.spec, self.dtype, self.min_zero_offset)
         self.scale[:, group] = scale
         if zero is not None:
             self.zero[:, group] = zero
@@ -99,13 +101,13 @@ class _GroupParams:
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, config: GPTQConfig = GPTQConfig(),
-                  scale_dtype: torch.dtype | None = None) -> GPTQResult:
+                  storage: Storage = Storage()) -> GPTQResult:
     """Quantize `weight` [out, in] given the Hessian [in, in] of its inputs."""
     out_f, in_f = weight.shape
     if not spec.fits(in_f):
         raise InfoptError(f"group size {spec.group_size} does not divide {in_f} input features")
     device = hessian.device
-    scale_dtype = scale_dtype or weight.dtype
+    scale_dtype = storage.scale_dtype or weight.dtype
     w = weight.to(device, torch.float32).clone()
     h = hessian.to(torch.float32).clone()
     original_h = hessian.to(torch.float32)
@@ -114,7 +116,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     w[:, dead] = 0
 
     group_size = in_f if spec.group_size == -1 else spec.group_size
-    params = _GroupParams(out_f, spec.num_groups(in_f), spec, scale_dtype, device)
+    params = _GroupParams(out_f, spec.num_groups(in_f), spec, scale_dtype, device, storage.min_zero_offset)
     if spec.group_size == -1:
         params.fit(0, w)
     elif config.static_groups:
@@ -181,9 +183,9 @@ class GPTQMethod:
 
     name = "gptq"
 
-    def __init__(self, config: GPTQConfig, scale_dtype: torch.dtype | None = None):
+    def __init__(self, config: GPTQConfig, storage: Storage = Storage()):
         self.config = config
-        self.scale_dtype = scale_dtype
+        self.storage = storage
 
     def quantize_layer(self, ctx):
         import time
@@ -197,7 +199,7 @@ class GPTQMethod:
             matrix = hessian.matrix()
             for linear in group:
                 start = time.perf_counter()
-                out = gptq_quantize(linear.module.weight.data, matrix, linear.spec, self.config, self.scale_dtype)
+                out = gptq_quantize(linear.module.weight.data, matrix, linear.spec, self.config, self.storage)
                 ctx.set_quantized(linear, out.weight)
                 result.quantized[linear.name] = out.weight
                 result.info[linear.name] = {"output_error": out.output_error, "damp": out.damp,

@@ -60,8 +60,17 @@ def _grouped(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return weight.float().reshape(out_f, groups, in_f // groups)
 
 
+@dataclass(frozen=True)
+class Storage:
+    """What the output format can store, which the quantization grid must respect."""
+
+    scale_dtype: torch.dtype | None = None  # None: the source weight's dtype
+    # lowest storable zero point, counted from qmin (GPTQ v1 stores zero - 1, so it cannot hold qmin)
+    min_zero_offset: int = 0
+
+
 def compute_qparams(
-    wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec, dtype: torch.dtype
+    wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec, dtype: torch.dtype, min_zero_offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (rounded to the storage dtype) and zero point from per-group ranges."""
     wmin = torch.minimum(wmin.float(), torch.zeros_like(wmin, dtype=torch.float32))
@@ -77,6 +86,13 @@ def compute_qparams(
     if spec.symmetric:
         return scale, None
     zero = torch.round(spec.qmin - wmin / scale.float()).clamp(spec.qmin, spec.qmax)
+    floor = spec.qmin + min_zero_offset
+    if min_zero_offset and bool((zero < floor).any()):
+        # only groups with min ~ 0 land here: raise the zero and stretch the scale so max still fits
+        low = zero < floor
+        stretched = (wmax / (spec.qmax - floor)).to(dtype)
+        scale = torch.where(low & (stretched > scale), stretched, scale)
+        zero = torch.where(low, torch.full_like(zero, floor), zero)
     return scale, zero.to(torch.int8)
 
 
@@ -91,10 +107,10 @@ def quantize_codes(
     return levels.clamp_(spec.qmin, spec.qmax).to(torch.int8).reshape(weight.shape)
 
 
-def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype | None = None) -> QuantizedWeight:
+def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, storage: Storage = Storage()) -> QuantizedWeight:
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     wmin, wmax = torch.aminmax(_grouped(weight, spec), dim=-1)
-    scale, zero = compute_qparams(wmin, wmax, spec, scale_dtype or weight.dtype)
+    scale, zero = compute_qparams(wmin, wmax, spec, storage.scale_dtype or weight.dtype, storage.min_zero_offset)
     codes = quantize_codes(weight, scale, zero, spec)
     return QuantizedWeight(codes, scale, zero, spec)

@@ -1,0 +1,100 @@
+"""Run the benchmarks and rewrite their sections of BENCHMARKS.md (`make bench` runs them all).
+
+    python benchmarks/run.py                 # every section
+    python benchmarks/run.py --only gptq     # one section; the others stay as they are
+
+Each section records the command, commit, date and machine that produced it. Threads are fixed at 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+THREADS = 2
+TITLES = {"foundation": "RTN and packing (foundation)", "gptq": "GPTQ, NF4/FP4 and RTN next to llm-compressor"}
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    cores = len([line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("processor")])
+    return (f"{cpu} ({cores} cores), {THREADS} torch threads, Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
+
+
+def _stories(work: Path) -> Path:
+    from infopt.paths import require_data_file
+    from infopt.workflows import convert_llama2c
+
+    folder = require_data_file("tinyllamas-stories260K/stories260K.bin").parent
+    out = work / "stories260K"
+    if not out.exists():
+        convert_llama2c(folder / "stories260K.bin", folder / "tok512.model", out)
+    return out
+
+
+def run_section(name: str, work: Path, repeats: int) -> list[str]:
+    if name == "foundation":
+        import bench_foundation
+
+        return bench_foundation.section(work, repeats)
+    if name == "gptq":
+        import bench_gptq
+        from train_bench_model import ensure_bench_model
+
+        return bench_gptq.section(ensure_bench_model(THREADS), _stories(work), work, THREADS, repeats=3)
+    raise SystemExit(f"unknown section {name!r}: {', '.join(TITLES)}")
+
+
+def _block(name: str, lines: list[str], command: str) -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    today = datetime.date.today().isoformat()
+    header = [f"<!-- section: {name} -->", f"## {TITLES[name]}", "",
+              f"`{command}` at commit {commit}, {today}, on {machine()}.", ""]
+    return "\n".join(header + lines + [f"<!-- end: {name} -->"])
+
+
+def merge(existing: str, blocks: dict[str, str]) -> str:
+    found = {m.group(1): m.group(0) for m in re.finditer(r"<!-- section: (\w+) -->.*?<!-- end: \1 -->", existing, re.S)}
+    found.update(blocks)
+    intro = ["# Benchmarks", "",
+             "Every number below was produced by the command named in its section (`make bench` runs them all).",
+             "Timings are medians of alternating repeated runs; quality figures are single deterministic runs.", ""]
+    return "\n".join(intro) + "\n" + "\n\n".join(found[n] for n in TITLES if n in found) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", action="append", choices=list(TITLES), help="run just these sections")
+    parser.add_argument("--repeats", type=int, default=7, help="timing repeats for the foundation section")
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    names = args.only or list(TITLES)
+    blocks = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            command = "python benchmarks/run.py --only " + name
+            blocks[name] = _block(name, run_section(name, Path(tmp), args.repeats), command)
+            print(blocks[name], flush=True)
+    existing = args.output.read_text() if args.output.exists() else ""
+    args.output.write_text(merge(existing, blocks))
+
+
+if __name__ == "__main__":
+    main()

@@ -28,6 +28,7 @@ from infopt.models.loading import ModelDir, load_causal_lm, load_state_dict, loa
 from infopt.paths import atomic_output_dir, check_output_target
 from infopt.models.streaming import LayerStream
 from infopt.quant.driver import LayerResult, iter_results, load_part, part_path, prepare_work_dir, run_layers
+from infopt.quant.awq import AWQConfig, AWQMethod
 from infopt.quant.gptq import GPTQConfig, GPTQMethod
 from infopt.quant.nf4 import quantize_4bit
 from infopt.quant.rtn import Storage, quantize_rtn
@@ -68,8 +69,8 @@ def _source_tensors(model: ModelDir) -> Iterator[tuple[str, torch.Tensor]]:
         yield from iter_tensors(model.files)
 
 
-METHODS = ("rtn", "gptq", "nf4", "fp4")
-CALIBRATED = ("gptq",)
+METHODS = ("rtn", "gptq", "awq", "nf4", "fp4")
+CALIBRATED = ("gptq", "awq")
 
 
 @dataclass
@@ -95,6 +96,7 @@ class QuantizeRequest:
     calib_seed: int = 0
     text_field: str = "text"
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    awq: AWQConfig = field(default_factory=AWQConfig)
     device: str = "auto"
     resume: bool = False
     offload_activations: bool = False
@@ -233,7 +235,7 @@ def _fingerprint(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, windows
     files = [(p.name, p.stat().st_size) for p in model.files]
     settings = {"model": str(model.path.resolve()), "files": files, "config": model.config, "method": req.method,
                 "plan": [(e.module, e.spec.describe() if e.spec else None) for e in plan.entries],
-                "gptq": req.gptq.__dict__, "storage": str(storage), "fmt": req.format_name,
+                "gptq": req.gptq.__dict__, "awq": req.awq.__dict__, "storage": str(storage), "fmt": req.format_name,
                 "activation_dtype": str(req.activation_dtype)}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     digest.update(windows.numpy().tobytes())
@@ -249,7 +251,10 @@ def _run_calibrated(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, fmt:
     work_dir = work_dir_for(req.out)
     done = prepare_work_dir(work_dir, _fingerprint(req, model, plan, windows, fmt.storage), req.resume, req.force)
     stream = LayerStream(model, torch.float32, resolve_device(req.device))
-    method = GPTQMethod(config, fmt.storage)
+    if req.method == "awq":
+        method = AWQMethod(stream.adapter, req.awq, fmt.storage)
+    else:
+        method = GPTQMethod(config, fmt.storage)
     specs = {e.module: e.spec for e in plan.quantized}
     timing = run_layers(stream, windows, specs, method, work_dir, done, req.activation_dtype,
                         req.offload_activations, progress)
@@ -258,7 +263,8 @@ def _run_calibrated(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, fmt:
         info.update(result.info)
     details = {"calibration": {"source": req.calib, "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
                                "seed": req.calib_seed},
-               "gptq": config.__dict__, "device": str(stream.device), **timing, "layer_info": info}
+               req.method: (config if req.method == "gptq" else req.awq).__dict__, "device": str(stream.device),
+               **timing, "layer_info": info, "notes": _scale_notes(info)}
     return work_dir, details
 
 
@@ -270,6 +276,17 @@ def _check_method_options(req: QuantizeRequest) -> None:
         raise InfoptError(f"--method {req.method} needs no calibration; drop --calib/--resume")
     if req.method not in FOUR_BIT_METHODS and req.double_quant:
         raise InfoptError("--double-quant applies to --method nf4/fp4 only")
+
+
+def _scale_notes(info: dict[str, dict]) -> list[str]:
+    """AWQ groups whose scale could not be folded, one line per distinct reason and linear kind."""
+    reasons: dict[str, list[str]] = {}
+    for module, entry in info.items():
+        scale = entry.get("scale")
+        if isinstance(scale, str) and scale.startswith("skipped"):
+            reasons.setdefault(f"{module.split('.', 3)[-1]}: no AWQ scale ({scale.removeprefix('skipped: ')})",
+                               []).append(module)
+    return [f"{reason} - {len(mods)} layer(s)" for reason, mods in sorted(reasons.items())]
 
 
 def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
@@ -310,7 +327,7 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     if req.method in CALIBRATED:
         work_dir, details = _run_calibrated(req, model, plan, fmt, progress)
         report.update(details)
-        method_info.update(details["gptq"])
+        method_info.update(details[req.method])
         errors = {m: i["output_error"] for m, i in details["layer_info"].items()}
         report["error_metric"] = "rel. output MSE"
         items = _calibrated_items(model, work_dir, adapter)

@@ -59,10 +59,10 @@ def convert_llama2c(
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="Model folder or hub id."),
-    method: str = typer.Option("rtn", "--method", help="Quantization method: rtn, gptq, nf4 or fp4."),
+    method: str = typer.Option("rtn", "--method", help="Quantization method: rtn, gptq, awq, nf4 or fp4."),
     bits: int = typer.Option(4, "--bits", help="Bits per weight: 2, 3, 4 or 8."),
     group_size: int = typer.Option(128, "--group-size", help="Inputs per scale; -1 for one scale per output channel."),
-    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (no zero point) or asymmetric."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric (no zero point) or asymmetric (default: asym for awq, sym otherwise)."),
     ignore: list[str] = typer.Option([], "--ignore", help="Regex of modules to leave in full precision (repeatable)."),
     override: list[str] = typer.Option([], "--override", help="REGEX=BITS[:GROUP][:sym|asym] or REGEX=skip (repeatable)."),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize lm_head too (rtn)."),
@@ -79,6 +79,9 @@ def quantize(
     damp: float = typer.Option(0.01, "--damp", help="GPTQ dampening, a fraction of the mean Hessian diagonal."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing activation (desc_act)."),
     static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: group scales from the original weights."),
+    awq_grid: int = typer.Option(20, "--awq-grid", help="AWQ: number of alpha values tried for the scales."),
+    duo_scaling: bool = typer.Option(False, "--duo-scaling", help="AWQ: s = mean|x|^a / mean|w|^(1-a)."),
+    awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="AWQ: search a clipping range per group."),
     gptq_block_size: int = typer.Option(128, "--gptq-block-size", help="GPTQ lazy-update block (columns)."),
     block_size: int = typer.Option(64, "--block-size", help="nf4/fp4: weights per absmax block (32 to 4096)."),
     double_quant: bool = typer.Option(False, "--double-quant", help="nf4/fp4: quantize the absmax values to 8 bits too."),
@@ -97,7 +100,9 @@ def quantize(
     from infopt.quant.spec import QuantSpec, parse_override
     from infopt.workflows import QuantizeRequest, quantize as run
 
-    spec = QuantSpec(bits, group_size, sym)
+    from infopt.quant.awq import AWQConfig
+
+    spec = QuantSpec(bits, group_size, (method != "awq") if sym is None else sym)
     req = QuantizeRequest(model=model, spec=spec, out=out, fmt=fmt, method=method, ignore=list(ignore),
                           overrides=[parse_override(o, spec) for o in override], include_lm_head=include_lm_head,
                           force=force, dry_run=dry_run, max_shard_bytes=parse_size(max_shard_size),
@@ -106,7 +111,8 @@ def quantize(
                           text_field=text_field, gptq=GPTQConfig(damp, gptq_block_size, act_order, static_groups),
                           device=device, resume=resume, offload_activations=offload_activations,
                           activation_dtype=parse_dtype(activation_dtype) if activation_dtype else None,
-                          block_size=block_size, double_quant=double_quant)
+                          block_size=block_size, double_quant=double_quant,
+                          awq=AWQConfig(grid=awq_grid, duo_scaling=duo_scaling, clip=awq_clip))
     if not dry_run and out is None:
         raise InfoptError("--out is required unless --dry-run")
     with progress_bar(not json_out) as progress:
@@ -114,7 +120,7 @@ def quantize(
     if json_out:
         print_json(report)
         return
-    for message in report["warnings"]:
+    for message in report["warnings"] + report.get("notes", []):
         warn(message)
     _print_plan(report)
     if dry_run:
@@ -126,7 +132,7 @@ def quantize(
 
 
 def _print_damp_notes(report: dict) -> None:
-    base = report.get("gptq", {}).get("damp")
+    base = (report.get("gptq") or {}).get("damp")
     for module, info in report.get("layer_info", {}).items():
         if base is not None and info.get("damp", base) > base:
             warn(f"{module}: Hessian not positive definite; dampening raised to {info['damp']:g}")

@@ -21,7 +21,7 @@ from infopt.quant.rtn import Storage
 from infopt.quant.spec import QuantSpec
 
 Items = Iterable[tuple[str, object]]
-INTEGER_METHODS = ("rtn", "gptq")
+INTEGER_METHODS = ("rtn", "gptq", "awq")
 FOUR_BIT_METHODS = ("nf4", "fp4")
 
 
@@ -70,7 +70,7 @@ FORMATS: dict[str, OutputFormat] = {
     "bnb": OutputFormat("bnb", FOUR_BIT_METHODS, Storage(), lambda shape, spec: None, bnb.write_weights,
                         _bnb_config),
 }
-DEFAULT_FORMAT = {"rtn": "compressed-tensors", "gptq": "compressed-tensors", "nf4": "bnb", "fp4": "bnb"}
+DEFAULT_FORMAT = {"rtn": "compressed-tensors", "gptq": "compressed-tensors", "awq": "compressed-tensors", "nf4": "bnb", "fp4": "bnb"}
 
 
 def output_format(name: str, method: str) -> OutputFormat:

@@ -13,6 +13,15 @@ from infopt.errors import InfoptError
 
 
 @dataclass(frozen=True)
+class ScaleGroup:
+    """Linears fed by one preceding op, so a per-channel input scale folds into that op (AWQ)."""
+
+    prev: str  # the norm or linear whose output is the linears' input
+    linears: tuple[str, ...]
+    inspect: str  # the module whose output measures the effect of quantizing the linears
+
+
+@dataclass(frozen=True)
 class Adapter:
     name: str
     layers: str  # dotted path of the decoder-layer list
@@ -20,6 +29,10 @@ class Adapter:
     embed: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
+    scale_groups: tuple[ScaleGroup, ...] = ()
+    norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (offset + weight)
+    # linears whose inputs cannot take a folded scale, with the reason (reported, never silent)
+    unscalable: tuple[tuple[str, str], ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -47,14 +60,35 @@ _PHI3 = (
     ("mlp.down_proj",),
 )
 
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_LLAMA_SCALES = (
+    ScaleGroup("input_layernorm", _QKV, "self_attn"),
+    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+)
+# Gemma 2 normalises the attention output with post_attention_layernorm; the MLP input norm is another
+_GEMMA2_SCALES = (_LLAMA_SCALES[0], _LLAMA_SCALES[1],
+                  ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"), _LLAMA_SCALES[3])
+_PHI3_SCALES = (
+    ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+    ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+)
+_PHI3_FUSED = (("self_attn.o_proj", "fed by the fused qkv_proj"), ("mlp.down_proj", "fed by the fused gate_up_proj"))
+
+
+def _llama_like(name: str, **extra) -> Adapter:
+    return Adapter(name, "model.layers", _LLAMA_LIKE, scale_groups=_LLAMA_SCALES, **extra)
+
+
 ADAPTERS: dict[str, Adapter] = {
-    "llama": Adapter("llama", "model.layers", _LLAMA_LIKE),
-    "mistral": Adapter("mistral", "model.layers", _LLAMA_LIKE),
-    "qwen2": Adapter("qwen2", "model.layers", _LLAMA_LIKE),
-    "qwen3": Adapter("qwen3", "model.layers", _LLAMA_LIKE),
-    "gemma": Adapter("gemma", "model.layers", _LLAMA_LIKE),
-    "gemma2": Adapter("gemma2", "model.layers", _LLAMA_LIKE),
-    "phi3": Adapter("phi3", "model.layers", _PHI3),
+    "llama": _llama_like("llama"),
+    "mistral": _llama_like("mistral"),
+    "qwen2": _llama_like("qwen2"),
+    "qwen3": _llama_like("qwen3"),
+    "gemma": _llama_like("gemma", norm_offset=1.0),
+    "gemma2": Adapter("gemma2", "model.layers", _LLAMA_LIKE, scale_groups=_GEMMA2_SCALES, norm_offset=1.0),
+    "phi3": Adapter("phi3", "model.layers", _PHI3, scale_groups=_PHI3_SCALES, unscalable=_PHI3_FUSED),
 }
 
 

@@ -1,0 +1,246 @@
+"""AWQ: activation-aware per-channel scaling plus a clipping search, on the sequential driver.
+
+Lin et al. 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration".
+Input channels that see large activations matter most, so before rounding, the weights of every
+linear fed by one op are multiplied per input channel by s = mean|x|^alpha and the op's output is
+divided by s (folded into the preceding norm or linear): the full-precision model is unchanged, but
+the salient channels get finer quantization steps. alpha is chosen on a grid by the output error of
+the module the linears feed; then, per output channel and group, the weight range is shrunk on a grid
+to the clip that minimises the linear's output error, and the weights are rounded.
+
+Order per decoder layer: all scales are searched and folded in full precision (so a fold into an
+upstream linear stays exact), then the linears are clipped and quantized group by group in
+true-sequential order, each group calibrated on inputs from the already-quantized groups before it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from infopt.errors import InfoptError
+from infopt.quant.rtn import QuantizedWeight, Storage, compute_qparams, quantize_codes, quantize_rtn
+from infopt.quant.spec import QuantSpec
+
+# AutoAWQ leaves q/k unclipped: their errors are amplified by the softmax of attention scores
+NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    grid: int = 20  # alpha in {0, 1/grid, ..., (grid-1)/grid}
+    duo_scaling: bool = False  # s = mean|x|^a / mean|w|^(1-a) instead of mean|x|^a
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5  # clip ranges down to (1 - max_shrink) of the original
+    clip_tokens: int = 4096  # tokens sampled for the clipping search
+
+    def __post_init__(self) -> None:
+        if self.grid < 1 or self.clip_grid < 1 or not 0 <= self.max_shrink < 1:
+            raise InfoptError("invalid AWQ grid settings")
+
+
+def fake_quantize(weight: torch.Tensor, spec: QuantSpec, storage: Storage) -> torch.Tensor:
+    return quantize_rtn(weight, spec, storage).dequantize().to(weight.dtype)
+
+
+def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """AWQ's per-channel scale for one alpha, normalised so max*min = 1."""
+    s = x_mean.pow(alpha)
+    if w_mean is not None:
+        s = s / w_mean.pow(1 - alpha)
+    s = s.clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def _module(root: nn.Module, name: str) -> nn.Module:
+    return dict(root.named_modules())[name]
+
+
+def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, norm_offset: float) -> None:
+    """Divide prev's output by s and multiply the linears' inputs by s: the function is unchanged."""
+    with torch.no_grad():
+        if isinstance(prev, nn.Linear):
+            prev.weight.div_(s.unsqueeze(1).to(prev.weight.dtype))
+            if prev.bias is not None:
+                prev.bias.div_(s.to(prev.bias.dtype))
+        else:  # RMSNorm: y = norm(x) * (offset + weight)
+            weight = prev.weight
+            weight.copy_(((weight.float() + norm_offset) / s - norm_offset).to(weight.dtype))
+        for linear in linears:
+            linear.weight.mul_(s.unsqueeze(0).to(linear.weight.dtype))
+
+
+class AWQMethod:
+    name = "awq"
+
+    def __init__(self, adapter, config: AWQConfig = AWQConfig(), storage: Storage = Storage()):
+        self.adapter = adapter
+        self.config = config
+        self.storage = storage
+        self.notes: list[str] = []
+
+    # --- activations -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _inputs(ctx, module: nn.Module) -> torch.Tensor:
+        """The module's input on every calibration window, [windows, seq, features]."""
+        parts: list[torch.Tensor] = []
+        ctx.observe_inputs(module, parts.append)
+        return torch.cat(parts)
+
+    @staticmethod
+    def _run(ctx, module: nn.Module, x: torch.Tensor, attention: bool) -> torch.Tensor:
+        """The module on every window; attention modules get the layer's masks and rotary tables."""
+        outs = []
+        with torch.no_grad():
+            for start in range(0, x.shape[0], ctx.micro_batch):
+                batch = x[start : start + ctx.micro_batch]
+                out = module(batch, **ctx.kwargs) if attention else module(batch)
+                outs.append(out[0] if isinstance(out, tuple) else out)
+        return torch.cat(outs)
+
+    # --- scale search ------------------------------------------------------------------------------
+
+    def _search_scale(self, ctx, group, linears: list[nn.Linear], specs: list[QuantSpec]) -> tuple[torch.Tensor, dict]:
+        inspect = _module(ctx.layer, group.inspect)
+        x = self._inputs(ctx, linears[0])
+        x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(0)
+        w_mean = None
+        if self.config.duo_scaling:
+            w = torch.cat([lin.weight.float() for lin in linears])
+            w_mean = (w.abs() / w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)).mean(0)
+        attention = group.inspect.endswith("attn")
+        target = self._run(ctx, inspect, x, attention)
+        originals = [lin.weight.data.clone() for lin in linears]
+        losses = []
+        for i in range(self.config.grid):
+            s = scale_candidates(x_mean, w_mean, i / self.config.grid).to(x.device)
+            for lin, w0, spec in zip(linears, originals, specs):
+                lin.weight.data = fake_quantize(w0 * s.unsqueeze(0), spec, self.storage) / s.unsqueeze(0)
+            losses.append(float((self._run(ctx, inspect, x, attention) - target).float().pow(2).mean()))
+        for lin, w0 in zip(linears, originals):
+            lin.weight.data = w0
+        best = min(range(len(losses)), key=losses.__getitem__)
+        s = scale_candidates(x_mean, w_mean, best / self.config.grid).to(x.device)
+        return s, {"alpha": best / self.config.grid, "scale_loss": losses[best], "unscaled_loss": losses[0]}
+
+    # --- clipping and rounding ---------------------------------------------------------------------
+
+    def _clip_range(self, weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (output channel, group) min/max after the shrink that minimises the output error."""
+        out_f, in_f = weight.shape
+        groups = spec.num_groups(in_f)
+        width = in_f // groups
+        w = weight.float().reshape(out_f, groups, width)
+        wmin, wmax = w.amin(-1), w.amax(-1)
+        tokens = x.reshape(-1, in_f).float()
+        if tokens.shape[0] > self.config.clip_tokens:
+            step = math.ceil(tokens.shape[0] / self.config.clip_tokens)
+            tokens = tokens[::step]
+        tokens = tokens.reshape(-1, groups, width)
+        best_err = torch.full((out_f, groups), float("inf"), device=weight.device)
+        best_min, best_max = wmin.clone(), wmax.clone()
+        rows = max(1, (1 << 26) // max(1, tokens.shape[0] * groups))  # bound the [tokens, groups, rows] product
+        for i in range(int(self.config.max_shrink * self.config.clip_grid)):
+            ratio = 1 - i / self.config.clip_grid
+            lo, hi = wmin * ratio, wmax * ratio
+            scale, zero = compute_qparams(lo, hi, spec, self.storage.scale_dtype or weight.dtype,
+                                          self.storage.min_zero_offset)
+            codes = quantize_codes(weight, scale, zero, spec).float().reshape(out_f, groups, width)
+            z = zero.float().unsqueeze(-1) if zero is not None else 0.0
+            diff = w - (codes - z) * scale.float().unsqueeze(-1)
+            err = torch.empty(out_f, groups, device=weight.device)
+            for r in range(0, out_f, rows):  # error of each group's partial output, per output channel
+                partial = torch.einsum("tgw,ogw->tgo", tokens, diff[r : r + rows])
+                err[r : r + rows] = partial.pow(2).mean(0).T
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_min = torch.where(better, lo, best_min)
+            best_max = torch.where(better, hi, best_max)
+        return best_min, best_max
+
+    def _quantize(self, weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, clip: bool) -> QuantizedWeight:
+        out_f, in_f = weight.shape
+        if clip:
+            wmin, wmax = self._clip_range(weight, x, spec)
+        else:
+            w = weight.float().reshape(out_f, spec.num_groups(in_f), -1)
+            wmin, wmax = w.amin(-1), w.amax(-1)
+        scale, zero = compute_qparams(wmin, wmax, spec, self.storage.scale_dtype or weight.dtype,
+                                      self.storage.min_zero_offset)
+        codes = quantize_codes(weight, scale, zero, spec)
+        return QuantizedWeight(codes.cpu(), scale.cpu(), None if zero is None else zero.cpu(), spec)
+
+    @staticmethod
+    def _output_error(weight: torch.Tensor, quantized: torch.Tensor, x: torch.Tensor) -> float:
+        tokens = x.reshape(-1, x.shape[-1]).float()[:8192]
+        ref = tokens @ weight.float().T
+        err = tokens @ (weight.float() - quantized.float()).T
+        return float(err.pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
+
+    # --- the layer ---------------------------------------------------------------------------------
+
+    def quantize_layer(self, ctx):
+        from infopt.quant.driver import LayerResult
+
+        result = LayerResult()
+        prefix = f"{self.adapter.layers}.{ctx.index}"
+        specs = {lin.name: lin.spec for group in ctx.groups for lin in group}
+        scale_info: dict[str, dict] = {}
+        for group in self.adapter.scale_groups:
+            names = [f"{prefix}.{rel}" for rel in group.linears]
+            reason = self._unscalable(ctx, group, names, specs)
+            if reason:
+                for name in names:
+                    scale_info[name] = {"scale": f"skipped: {reason}"}
+                continue
+            linears = [_module(ctx.layer, rel) for rel in group.linears]
+            start = time.perf_counter()
+            s, info = self._search_scale(ctx, group, linears, [specs[n] for n in names])
+            fold_scale(_module(ctx.layer, group.prev), linears, s, self.adapter.norm_offset)
+            info["scale_seconds"] = time.perf_counter() - start
+            for name in names:
+                scale_info[name] = info
+            prev_name = f"{prefix}.{group.prev}"
+            result.dense.update(self._dense_state(ctx, group.prev, prev_name, specs))
+        for rel, reason in self.adapter.unscalable:
+            scale_info.setdefault(f"{prefix}.{rel}", {"scale": f"skipped: {reason}"})
+        for group in ctx.groups:
+            x = self._inputs(ctx, group[0].module)
+            for linear in group:
+                start = time.perf_counter()
+                clip = self.config.clip and not linear.name.endswith(NO_CLIP)
+                weight = linear.module.weight.data
+                q = self._quantize(weight, x, linear.spec, clip)
+                ctx.set_quantized(linear, q)
+                result.quantized[linear.name] = q
+                info = dict(scale_info.get(linear.name, {"scale": "skipped: not in a scale group"}))
+                info.update({"output_error": self._output_error(weight, q.dequantize(), x), "clipped": clip,
+                             "seconds": time.perf_counter() - start})
+                result.info[linear.name] = info
+        # scaled norms, and scaled upstream linears' biases (their weights are in the quantized result)
+        for name in list(result.dense):
+            if name.endswith(".weight") and name.removesuffix(".weight") in result.quantized:
+                del result.dense[name]
+        return result
+
+    def _unscalable(self, ctx, group, names: list[str], specs: dict) -> str | None:
+        if not all(n in specs for n in names):
+            return "a linear of its group stays in full precision"
+        prev = dict(ctx.layer.named_modules()).get(group.prev)
+        if prev is None:
+            return f"no module {group.prev}"
+        width = prev.out_features if isinstance(prev, nn.Linear) else prev.weight.shape[0]
+        if width != _module(ctx.layer, group.linears[0]).in_features:
+            return f"{group.prev} output ({width}) does not map one to one onto the inputs (grouped-query attention)"
+        return None
+
+    @staticmethod
+    def _dense_state(ctx, rel: str, full: str, specs: dict) -> dict[str, torch.Tensor]:
+        module = _module(ctx.layer, rel)
+        return {f"{full}.{k}": v.detach().cpu().clone() for k, v in module.state_dict().items()}

@@ -1,4 +1,4 @@
-"""GPTQ benchmarks: quality and wall time next to llm-compressor, and peak memory against depth.
+"""GPTQ/AWQ/NF4 benchmarks: quality and wall time next to llm-compressor, and peak memory against depth.
 
 Both tools quantize the same model on the same calibration windows (infopt draws them; the exact
 tensor is handed to llm-compressor's runner in its own virtual environment) and both checkpoints
@@ -87,41 +87,52 @@ def _ppl(model: Path, subject: Subject, baseline: Path | None = None) -> dict:
     return evaluate_checkpoint(str(model), subject.eval_text, baseline=str(baseline) if baseline else None)
 
 
-def quality_rows(subject: Subject, work: Path, threads: int, repeats: int, llmc_python: Path) -> tuple[list[str], list]:
-    """One table for a subject; returns its rows and the (ours, theirs) timing samples of GPTQ 4-bit."""
+def _row(subject: Subject, label: str, out: Path) -> tuple[str, float]:
+    r = _ppl(out, subject, subject.path)
+    return (f"| {subject.name} | {label} | {_size(out):,} | {r['ppl']:.4f} | {r['ppl_delta_rel']:+.2%} | "
+            f"{r['kl_mean']:.5f} | {r['top1_agreement']:.2%} |"), r["ppl"]
+
+
+def _side_by_side(subject: Subject, spec: QuantSpec, method: str, work: Path, threads: int, repeats: int,
+                  llmc_python: Path, calib_file: Path) -> tuple[dict[str, Path], list[float], list[float]]:
+    """Ours and llm-compressor's `method` on the same windows, alternating; outputs and wall times."""
+    outputs, ours, theirs = {}, [], []
+    for _ in range(repeats):
+        for tool in ("infopt", "llmc"):
+            out = work / f"{subject.name}-{method}-{tool}-w{spec.bits}"
+            if tool == "infopt":
+                ours.append(_timed(infopt_cmd(subject, spec, method, out), threads)[0])
+            else:
+                cmd = llmc_cmd(llmc_python, subject, spec, calib_file, out, threads, method)
+                theirs.append(_timed(cmd, threads)[0])
+            outputs[tool] = out
+    return outputs, ours, theirs
+
+
+def quality_rows(subject: Subject, work: Path, threads: int, repeats: dict, llmc_python: Path):
+    """The perplexity table rows of one model, and wall-time samples per method: {method: (ours, theirs)}."""
     calib_file = calibration_file(subject, work)
     base = _ppl(subject.path, subject)
-    rows = [f"| {subject.name} | fp32 | | {base['ppl']:.4f} | | | |"]
-    timings = []
+    rows = [f"| {subject.name} | fp32 | {_size(subject.path):,} | {base['ppl']:.4f} | | | |"]
+    timings = {}
     for bits in (4, 3):
         spec = QuantSpec(bits, subject.group, False)
         label = f"int{bits} g{subject.group} asym"
-        outputs = {}
-        ours_s, theirs_s = [], []
-        for rep in range(repeats if bits == 4 else 1):
-            for tool in ("infopt", "llmc"):
-                out = work / f"{subject.name}-{tool}-w{bits}"
-                if tool == "infopt":
-                    seconds, _ = _timed(infopt_cmd(subject, spec, "gptq", out), threads)
-                    ours_s.append(seconds)
-                else:
-                    seconds, _ = _timed(llmc_cmd(llmc_python, subject, spec, calib_file, out, threads), threads)
-                    theirs_s.append(seconds)
-                outputs[tool] = out
         rtn = work / f"{subject.name}-rtn-w{bits}"
         _timed(infopt_cmd(subject, spec, "rtn", rtn), threads)
-        ppl = {}
-        for tag, out in (("RTN (infopt)", rtn), ("GPTQ (infopt)", outputs["infopt"]),
-                         ("GPTQ (llm-compressor)", outputs["llmc"])):
-            r = _ppl(out, subject, subject.path)
-            ppl[tag] = r["ppl"]
-            rows.append(f"| {subject.name} | {label} {tag} | {_size(out):,} | {r['ppl']:.4f} | "
-                        f"{r['ppl_delta_rel']:+.2%} | {r['kl_mean']:.5f} | {r['top1_agreement']:.2%} |")
+        rows.append(_row(subject, f"{label} RTN (infopt)", rtn)[0])
+        for method in (("gptq", "awq") if bits == 4 else ("gptq",)):
+            outputs, ours, theirs = _side_by_side(subject, spec, method, work, threads,
+                                                  repeats[method] if bits == 4 else 1, llmc_python, calib_file)
+            row_ours, ppl_ours = _row(subject, f"{label} {method.upper()} (infopt)", outputs["infopt"])
+            row_theirs, ppl_theirs = _row(subject, f"{label} {method.upper()} (llm-compressor)", outputs["llmc"])
+            rows += [row_ours, row_theirs,
+                     f"| {subject.name} | {label} {method.upper()}: infopt / llm-compressor perplexity | | "
+                     f"**{ppl_ours / ppl_theirs:.4f}x** | | | |"]
+            if bits == 4:
+                timings[method] = (ours, theirs)
         if bits == 4:
-            timings = (ours_s, theirs_s)
             rows += four_bit_rows(subject, work, threads)
-        ratio = ppl["GPTQ (infopt)"] / ppl["GPTQ (llm-compressor)"]
-        rows.append(f"| {subject.name} | {label}: infopt / llm-compressor perplexity | | **{ratio:.4f}x** | | | |")
     return rows, timings
 
 
@@ -166,32 +177,39 @@ def memory_rows(work: Path, threads: int, widths=(1024, 2816)) -> list[str]:
     return rows
 
 
-def section(bench_model: Path, stories: Path, work: Path, threads: int = 2, repeats: int = 3) -> list[str]:
+def section(bench_model: Path, stories: Path, work: Path, threads: int = 2, repeats: dict | None = None) -> list[str]:
+    repeats = repeats or {"gptq": 3, "awq": 2}
     llmc_python = ensure_llmc_python()
     subjects = [Subject("bench-llama", bench_model, "wikitext2", str(_data("wikitext-2-tokens/valid.txt")), 128),
                 Subject("stories260K", stories, "tinystories", "tinystories", 4)]
     table = ["| model | scheme / tool | weight bytes | perplexity | vs fp32 | KL(fp32 ‖ q) | top-1 agreement |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    speed = ["| model | infopt GPTQ s (median) | llm-compressor GPTQ s (median) | ratio | runs each |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    speed = ["| model | method | infopt s (median) | llm-compressor s (median) | ratio | runs each |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
     for subject in subjects:
-        rows, (ours, theirs) = quality_rows(subject, work, threads, repeats, llmc_python)
+        rows, timings = quality_rows(subject, work, threads, repeats, llmc_python)
         table += rows
-        o, t = statistics.median(ours), statistics.median(theirs)
-        speed.append(f"| {subject.name} | {o:.1f} | {t:.1f} | {o / t:.2f}x | {len(ours)} |")
-    details = json.dumps({s.name: {"calib": s.calib, "samples": s.samples, "seq_len": s.seq_len} for s in subjects})
+        for method, (ours, theirs) in timings.items():
+            o, t = statistics.median(ours), statistics.median(theirs)
+            speed.append(f"| {subject.name} | {method.upper()} | {o:.1f} | {t:.1f} | **{o / t:.2f}x** | {len(ours)} |")
+    details = json.dumps({s.name: {"calib": Path(s.calib).name, "samples": s.samples, "seq_len": s.seq_len}
+                          for s in subjects})
     return [
         "Calibration: the same seeded windows for both tools (infopt draws them, llm-compressor gets the",
-        f"tensor): {details}. The bench model calibrates on WikiText-2 valid and is scored on",
-        "wiki.test.raw; stories260K calibrates on and is scored on the TinyStories file (the only stories text",
-        "here, so about 17% of the scored tokens were also seen in calibration, by both tools alike).",
-        "llm-compressor runs GPTQModifier with actorder none, damp 0.01, block 128 (its defaults otherwise).",
+        f"tensor): {details}. The bench model (benchmarks/train_bench_model.py) calibrates on WikiText-2",
+        "valid and is scored on wiki.test.raw; stories260K calibrates on and is scored on the TinyStories file",
+        "(the only stories text here, so about 17% of the scored tokens were also seen in calibration, by both",
+        "tools alike). llm-compressor: GPTQModifier (actorder none, damp 0.01, block 128) and AWQModifier (its",
+        "defaults: duo scaling, 20-point grid), CPU, fp32. infopt: defaults (GPTQ re-fits group scales as it goes;",
+        "AWQ 20-point alpha grid, clipping search). NF4/FP4 rows are infopt's bitsandbytes-exact",
+        "quantization (block 64), calibration-free. Weight bytes: the checkpoint's safetensors files.",
         "",
         *table,
         "",
-        "### GPTQ wall time, whole command (load, calibrate, quantize, write), alternating runs",
+        "### Wall time, whole command (load, calibrate, quantize, write), alternating runs",
         "",
-        f"{threads} threads for both (OMP_NUM_THREADS={threads}; llm-compressor `--threads {threads}`). int4 asym.",
+        f"{threads} threads for both (OMP_NUM_THREADS={threads}; llm-compressor `--threads {threads}`). int4 asym,",
+        "same windows as above. Ratio < 1: infopt is faster.",
         "",
         *speed,
         "",
@@ -219,8 +237,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--bench-model", type=Path, required=True)
     parser.add_argument("--stories", type=Path, required=True)
-    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        print("\n".join(section(args.bench_model, args.stories, Path(tmp), repeats=args.repeats)))
+        print("\n".join(section(args.bench_model, args.stories, Path(tmp))))

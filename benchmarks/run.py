@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 THREADS = 2
-TITLES = {"foundation": "RTN and packing (foundation)", "gptq": "GPTQ, NF4/FP4 and RTN next to llm-compressor"}
+TITLES = {"foundation": "RTN and packing (foundation)", "gptq": "GPTQ, AWQ, NF4/FP4 and RTN next to llm-compressor"}
 
 
 def machine() -> str:
@@ -56,7 +56,7 @@ def run_section(name: str, work: Path, repeats: int) -> list[str]:
         import bench_gptq
         from train_bench_model import ensure_bench_model
 
-        return bench_gptq.section(ensure_bench_model(THREADS), _stories(work), work, THREADS, repeats=3)
+        return bench_gptq.section(ensure_bench_model(THREADS), _stories(work), work, THREADS)
     raise SystemExit(f"unknown section {name!r}: {', '.join(TITLES)}")
 
 

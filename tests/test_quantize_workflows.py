@@ -111,3 +111,29 @@ def test_options_a_method_or_format_cannot_honour_are_refused_before_any_work(ti
     with pytest.raises(InfoptError, match=words):
         quantize(QuantizeRequest(**args))
     assert not (tmp_path / "q").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_awq_method_to_awq_format_loads_in_transformers(tiny, tmp_path):
+    pytest.importorskip("gptqmodel", reason="pip install gptqmodel==7.6.0")
+    import torch._dynamo
+    import transformers
+
+    from infopt.quant.awq import AWQConfig
+
+    out = tmp_path / "q"
+    report = quantize(QuantizeRequest(model=str(tiny), spec=QuantSpec(4, 64, False), out=out, method="awq",
+                                      fmt="awq", calib="tinystories", calib_samples=8, calib_seq_len=64,
+                                      awq=AWQConfig(grid=5, clip_grid=10)))
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "awq" and config["version"] == "gemm" and config["zero_point"]
+    assert report["quantized"] and all(e["module"].endswith(("k_proj", "v_proj")) for e in report["skipped"])
+    ours = _logits(load_causal_lm(str(out)))
+    before = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    try:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            str(out), dtype=torch.float16, quantization_config=transformers.AwqConfig(bits=4, backend="torch_awq"))
+        theirs = _logits(hf)
+    finally:
+        torch._dynamo.config.disable = before
+    _close(theirs, ours, 2e-3)

@@ -66,7 +66,7 @@ def quantize(
     ignore: list[str] = typer.Option([], "--ignore", help="Regex of modules to leave in full precision (repeatable)."),
     override: list[str] = typer.Option([], "--override", help="REGEX=BITS[:GROUP][:sym|asym] or REGEX=skip (repeatable)."),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize lm_head too (rtn)."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="Output format: compressed-tensors (rtn/gptq default), gptq, or bnb (nf4/fp4 default)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Output format: compressed-tensors (rtn/gptq/awq default), gptq, awq, or bnb (nf4/fp4 default)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder (and any unfinished run)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),

@@ -7,13 +7,14 @@ from pathlib import Path
 import torch
 
 from infopt.errors import InfoptError
-from infopt.formats import bnb, compressed_tensors, gptq
+from infopt.formats import awq, bnb, compressed_tensors, gptq
 from infopt.quant.rtn import QuantizedWeight
 
 _READERS = {
     compressed_tensors.QUANT_METHOD: compressed_tensors.read_quantized,
     gptq.QUANT_METHOD: gptq.read_quantized,
     bnb.QUANT_METHOD: bnb.read_quantized,
+    awq.QUANT_METHOD: awq.read_quantized,
 }
 
 

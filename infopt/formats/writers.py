@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 
 from infopt.errors import InfoptError
-from infopt.formats import bnb, compressed_tensors, gptq
+from infopt.formats import awq, bnb, compressed_tensors, gptq
 from infopt.formats.safetensors_io import ShardedWriter
 from infopt.quant.rtn import Storage
 from infopt.quant.spec import QuantSpec
@@ -67,6 +67,9 @@ FORMATS: dict[str, OutputFormat] = {
     "gptq": OutputFormat("gptq", INTEGER_METHODS, Storage(torch.float16, 1), gptq.packable, _gptq_write,
                          _gptq_config, gptq.side_files, supports_g_idx=True, uniform_spec=True,
                          decoder_layers_only=True),
+    # AutoAWQ GEMM: fp16 scales, zero points stored as they are
+    "awq": OutputFormat("awq", INTEGER_METHODS, Storage(torch.float16), awq.packable, awq.write_weights,
+                        awq.quantization_config, uniform_spec=True, decoder_layers_only=True),
     "bnb": OutputFormat("bnb", FOUR_BIT_METHODS, Storage(), lambda shape, spec: None, bnb.write_weights,
                         _bnb_config),
 }

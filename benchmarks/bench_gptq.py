@@ -59,7 +59,7 @@ def infopt_cmd(subject: Subject, spec: QuantSpec, method: str, out: Path) -> lis
     cmd = [sys.executable, "-m", "infopt.cli.main", "quantize", str(subject.path), "--method", method,
            "--bits", str(spec.bits), "--group-size", str(spec.group_size), "--sym" if spec.symmetric else "--asym",
            "--out", str(out), "--force", "--json"]
-    if method == "gptq":
+    if method in ("gptq", "awq"):
         cmd += ["--calib", subject.calib, "--calib-samples", str(subject.samples),
                 "--calib-seq-len", str(subject.seq_len)]
     return cmd

@@ -40,6 +40,7 @@ class Subject:
     group: int
     samples: int = 128
     seq_len: int = 512
+    eval_windows: int = 256  # perplexity windows (of the model's context length) scored per checkpoint
 
 
 def _env(threads: int) -> dict:
@@ -84,7 +85,8 @@ def calibration_file(subject: Subject, work: Path) -> Path:
 
 
 def _ppl(model: Path, subject: Subject, baseline: Path | None = None) -> dict:
-    return evaluate_checkpoint(str(model), subject.eval_text, baseline=str(baseline) if baseline else None)
+    return evaluate_checkpoint(str(model), subject.eval_text, baseline=str(baseline) if baseline else None,
+                               max_windows=subject.eval_windows)
 
 
 def _row(subject: Subject, label: str, out: Path) -> tuple[str, float]:
@@ -180,8 +182,9 @@ def memory_rows(work: Path, threads: int, widths=(1024, 2816)) -> list[str]:
 def section(bench_model: Path, stories: Path, work: Path, threads: int = 2, repeats: dict | None = None) -> list[str]:
     repeats = repeats or {"gptq": 3, "awq": 2}
     llmc_python = ensure_llmc_python()
-    subjects = [Subject("bench-llama", bench_model, "wikitext2", str(_data("wikitext-2-tokens/valid.txt")), 128),
-                Subject("stories260K", stories, "tinystories", "tinystories", 4)]
+    subjects = [Subject("bench-llama", bench_model, "wikitext2", str(_data("wikitext-2-tokens/valid.txt")), 128,
+                        eval_windows=128),
+                Subject("stories260K", stories, "tinystories", "tinystories", 4, eval_windows=256)]
     table = ["| model | scheme / tool | weight bytes | perplexity | vs fp32 | KL(fp32 ‖ q) | top-1 agreement |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     speed = ["| model | method | infopt s (median) | llm-compressor s (median) | ratio | runs each |",
@@ -192,8 +195,8 @@ def section(bench_model: Path, stories: Path, work: Path, threads: int = 2, repe
         for method, (ours, theirs) in timings.items():
             o, t = statistics.median(ours), statistics.median(theirs)
             speed.append(f"| {subject.name} | {method.upper()} | {o:.1f} | {t:.1f} | **{o / t:.2f}x** | {len(ours)} |")
-    details = json.dumps({s.name: {"calib": Path(s.calib).name, "samples": s.samples, "seq_len": s.seq_len}
-                          for s in subjects})
+    details = json.dumps({s.name: {"calib": Path(s.calib).name, "samples": s.samples, "seq_len": s.seq_len,
+                                   "eval_windows": s.eval_windows} for s in subjects})
     return [
         "Calibration: the same seeded windows for both tools (infopt draws them, llm-compressor gets the",
         f"tensor): {details}. The bench model (benchmarks/train_bench_model.py) calibrates on WikiText-2",

@@ -80,7 +80,7 @@ def quantize(
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing activation (desc_act)."),
     static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: group scales from the original weights."),
     awq_grid: int = typer.Option(20, "--awq-grid", help="AWQ: number of alpha values tried for the scales."),
-    duo_scaling: bool = typer.Option(False, "--duo-scaling", help="AWQ: s = mean|x|^a / mean|w|^(1-a)."),
+    duo_scaling: bool = typer.Option(True, "--duo-scaling/--no-duo-scaling", help="AWQ: s = mean|x|^a / mean|w|^(1-a), or mean|x|^a alone."),
     awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="AWQ: search a clipping range per group."),
     gptq_block_size: int = typer.Option(128, "--gptq-block-size", help="GPTQ lazy-update block (columns)."),
     block_size: int = typer.Option(64, "--block-size", help="nf4/fp4: weights per absmax block (32 to 4096)."),

@@ -33,7 +33,7 @@ NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
 @dataclass(frozen=True)
 class AWQConfig:
     grid: int = 20  # alpha in {0, 1/grid, ..., (grid-1)/grid}
-    duo_scaling: bool = False  # s = mean|x|^a / mean|w|^(1-a) instead of mean|x|^a
+    duo_scaling: bool = True  # s = mean|x|^a / mean|w|^(1-a) (AutoAWQ's default) instead of mean|x|^a
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5  # clip ranges down to (1 - max_shrink) of the original

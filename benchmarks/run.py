@@ -85,15 +85,17 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
+    from infopt.cli.main import _quiet_optional_peers
+
+    _quiet_optional_peers()
     names = args.only or list(TITLES)
-    blocks = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
+        for name in names:  # each section is written as soon as it is done
             command = "python benchmarks/run.py --only " + name
-            blocks[name] = _block(name, run_section(name, Path(tmp), args.repeats), command)
-            print(blocks[name], flush=True)
-    existing = args.output.read_text() if args.output.exists() else ""
-    args.output.write_text(merge(existing, blocks))
+            block = _block(name, run_section(name, Path(tmp), args.repeats), command)
+            print(block, flush=True)
+            existing = args.output.read_text() if args.output.exists() else ""
+            args.output.write_text(merge(existing, {name: block}))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+"""Products with packed weights: the C++ kernels, and plain-torch paths that form the same fp32 weights.
+
+Every path computes y = x @ w.T in fp32 with w = (value - zero) * scale formed identically, so they differ only
+in summation order (about 1e-6 relative). x is [tokens, in_features] in fp32, bf16 or fp16; y is fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from infopt.runtime.kernels import build
+from infopt.runtime.kernels.packing import ROWS, UNIT_BYTES, PackedWeight, unpack_nibbles, untile_params, untile_rows
+
+KERNEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TILE_BYTES = 4 << 20  # fp32 weight rows dequantized at a time by the tiled paths (fits L2 + L3 comfortably)
+
+
+def _ext():
+    ops = build.ops()
+    if ops is None:
+        raise RuntimeError(f"infopt kernels unavailable: {build.reason()}")
+    return ops
+
+
+def kernel_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """The C++ kernel: fp32 [tokens, out] for x [tokens, in] in fp32, bf16 or fp16 (others are cast to fp32)."""
+    ops = _ext()
+    if x.dtype not in KERNEL_INPUT_DTYPES:
+        x = x.float()
+    if w.kind == "lut4":
+        return ops.lut4_mm(x, w.data, w.scale, w.zero, w.lut, w.group_size, w.out_features, w.perm)
+    return ops.int8_mm(x, w.data, w.scale, w.zero, w.group_size, w.out_features, w.perm)
+
+
+def kernel_dequantize(w: PackedWeight, row0: int, row1: int) -> torch.Tensor:
+    """fp32 rows [row0, row1) in packed column order [rows, in_pad], by the C++ decoder."""
+    ops = _ext()
+    if w.kind == "lut4":
+        return ops.lut4_dequant(w.data, w.scale, w.zero, w.lut, w.group_size, w.out_features, row0, row1)
+    return ops.int8_dequant(w.data, w.scale, w.zero, w.group_size, w.out_features, row0, row1)
+
+
+def torch_dequantize(w: PackedWeight, row0: int, row1: int) -> torch.Tensor:
+    """The same rows as kernel_dequantize, in plain torch: (value - zero) * scale per group, in fp32."""
+    t0, t1 = row0 // ROWS, -(-row1 // ROWS)  # the whole tiles holding the rows
+    rows = untile_rows(w.data[t0:t1], UNIT_BYTES[w.kind])
+    values = w.lut[unpack_nibbles(rows).long()] if w.kind == "lut4" else rows.float()
+    grouped = values.reshape(values.shape[0], -1, w.group_size)
+    if w.zero is not None:
+        grouped = grouped - untile_params(w.zero[t0:t1]).float().unsqueeze(-1)
+    weights = (grouped * untile_params(w.scale[t0:t1]).unsqueeze(-1)).reshape(values.shape[0], -1)
+    return weights[row0 - t0 * ROWS: row1 - t0 * ROWS]
+
+
+def prepare_input(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """x as fp32 [tokens, in_pad] in packed column order (gathered by perm, zero-padded)."""
+    x = x.float()
+    if w.perm is not None:
+        x = x.index_select(1, w.perm)
+    extra = w.in_padded - x.shape[1]
+    return torch.nn.functional.pad(x, (0, extra)) if extra else x
+
+
+def _tile_rows(w: PackedWeight) -> int:
+    """Rows per dequantized tile: about TILE_BYTES of fp32, whole 4-row tiles."""
+    return max(ROWS, TILE_BYTES // (4 * w.in_padded) // ROWS * ROWS)
+
+
+def tiled_matmul(x: torch.Tensor, w: PackedWeight, use_kernels: bool) -> torch.Tensor:
+    """Dequantize TILE_BYTES of weight rows at a time and multiply each tile with a dense GEMM.
+
+    For large token counts (prefill) and as the memory-lean fallback: peak extra memory is one tile.
+    """
+    xp = prepare_input(x, w)
+    out_f = w.out_features
+    y_t = torch.empty(out_f, xp.shape[0], dtype=torch.float32)  # y transposed: each tile's rows are contiguous
+    step = _tile_rows(w)
+    dequantize = kernel_dequantize if use_kernels else torch_dequantize
+    for row0 in range(0, out_f, step):
+        row1 = min(out_f, row0 + step)
+        torch.mm(dequantize(w, row0, row1), xp.t(), out=y_t[row0:row1])
+    return y_t.t()
+
+
+def dense_weight(w: PackedWeight) -> torch.Tensor:
+    """The whole fp32 weight [out, in] in the original column order (the dense fallback's one-time copy)."""
+    dense = torch.empty(w.out_features, w.in_features, dtype=torch.float32)
+    step = _tile_rows(w)
+    for row0 in range(0, w.out_features, step):
+        row1 = min(w.out_features, row0 + step)
+        tile = torch_dequantize(w, row0, row1)[:, : w.in_features]
+        if w.perm is None:
+            dense[row0:row1] = tile
+        else:
+            dense[row0:row1, w.perm] = tile
+    return dense

@@ -1,0 +1,394 @@
+// Quantized-weight matrix-vector and small-batch kernels for x86-64 CPUs with AVX-512 (F, BW, VL, DQ).
+//
+// y[b, o] = sum_k x[b, k] * w[o, k] with w[o, k] = (value(o, k) - zero[o, g]) * scale[o, g], g the group of k,
+// all in fp32. Each weight is formed exactly as the plain-torch fallback forms it ((value - zero) is a small
+// integer or a table value minus 0, exact in fp32; times the fp32 scale, rounded once), so the two differ only in
+// summation order.
+//
+// Packed layouts (built by infopt/runtime/kernels/packing.py, columns already in act-order-sorted order):
+//   Rows come in tiles of 4 and columns in units (128 columns for lut4, 32 for int8). A tile is one contiguous
+//   run of bytes: for each unit, the 4 rows' unit bytes one after the other, so a tile reads as one forward
+//   stream. Rows are padded to a multiple of 4 and columns to a whole unit with zero-scale rows / zero inputs.
+//   lut4: a row's unit is 64 bytes = 16 little-endian dwords; nibble j (bits 4j..4j+3) of dword l is the 4-bit
+//         index of column 16j + l. value = lut[index], a 16-entry fp32 table (index - 8 for signed int2/3/4
+//         codes; the NF4/FP4 code values).
+//   int8: a row's unit is its 32 int8 codes; value = code.
+//   scale: fp32 [tiles, groups, 4]; zero: int8 [tiles, groups, 4] or absent. A group spans group_size columns:
+//   a multiple of the unit, or (lut4) 32 or 64 columns; all padded columns for one scale per row.
+//
+// lut4 decode: per row and group the 16 possible weights (lut - zero) * scale sit in one zmm register, and
+// vpermps (_mm512_permutexvar_ps) picks one per lane by the low 4 bits of each 32-bit index lane (Intel SDM,
+// VPERMPS: 512-bit forms select with index bits 3:0 and ignore the rest). Shifting the unit's 16 dwords right by
+// 4j puts nibble j in those bits, so 16 weights cost one shift and one permute, and no widening shuffle.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <utility>
+
+namespace {
+
+constexpr int64_t kRows = 4;       // rows per tile of the packed layout
+constexpr int64_t kBatchTile = 4;  // activation rows per register tile (4 rows x 4 tokens = 16 accumulators)
+// Software prefetch distance along a tile stream. The hardware prefetchers alone left 2-4 token products from
+// DRAM up to 2.5x slower than the same products on L3-resident weights on the development machine (AMD EPYC,
+// Zen 5); prefetching 4-16 KiB ahead closed that gap (measured with one thread on a busy machine).
+constexpr int64_t kPrefetchBytes = 8192;
+// Weight bytes per chunk of tiles when more than 4 activation rows loop over it: stays in L2 (1 MiB on Zen 5)
+// while each activation slice streams past; 32 KiB measured the same up to 128 tokens, slower at 512.
+constexpr int64_t kChunkBytes = 256 << 10;
+
+// Activations as fp32 rows of length ld (the packed width), permuted and zero-padded when needed.
+struct Activations {
+  at::Tensor owner;  // keeps a converted copy alive
+  const float* data;
+  int64_t rows;
+  int64_t ld;
+};
+
+template <typename T>
+void gather_rows(const T* src, int64_t in, float* dst, int64_t rows, int64_t ld, const int64_t* perm) {
+  for (int64_t b = 0; b < rows; ++b) {
+    const T* s = src + b * in;
+    float* d = dst + b * ld;
+    if (perm != nullptr) {
+      for (int64_t j = 0; j < in; ++j) d[j] = static_cast<float>(s[perm[j]]);
+    } else {
+      for (int64_t j = 0; j < in; ++j) d[j] = static_cast<float>(s[j]);
+    }
+    std::fill(d + in, d + ld, 0.0f);
+  }
+}
+
+Activations prepare(const at::Tensor& x_in, int64_t ld, const std::optional<at::Tensor>& perm) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "x must be a 2-D CPU tensor [tokens, in_features]");
+  const int64_t rows = x_in.size(0), in = x_in.size(1);
+  TORCH_CHECK(in <= ld, "x has ", in, " columns but the packed weight only ", ld);
+  const int64_t* p = nullptr;
+  if (perm.has_value()) {
+    // perm comes from packing.py (an argsort), so its entries are trusted to lie in [0, in)
+    TORCH_CHECK(perm->scalar_type() == at::kLong && perm->is_contiguous() && perm->numel() == in,
+                "perm must be a contiguous int64 tensor of in_features entries");
+    p = perm->data_ptr<int64_t>();
+  }
+  const at::Tensor x = x_in.contiguous();
+  if (x.scalar_type() == at::kFloat && p == nullptr && in == ld) {
+    return {x, x.data_ptr<float>(), rows, ld};
+  }
+  at::Tensor buf = at::empty({rows, ld}, x.options().dtype(at::kFloat));
+  float* d = buf.data_ptr<float>();
+  switch (x.scalar_type()) {
+    case at::kFloat: gather_rows(x.data_ptr<float>(), in, d, rows, ld, p); break;
+    case at::kBFloat16: gather_rows(x.data_ptr<c10::BFloat16>(), in, d, rows, ld, p); break;
+    case at::kHalf: gather_rows(x.data_ptr<c10::Half>(), in, d, rows, ld, p); break;
+    default: TORCH_CHECK(false, "x must be float32, bfloat16 or float16");
+  }
+  return {buf, d, rows, ld};
+}
+
+// Hot-path helpers and the lambdas they call must inline, or the accumulators leave registers.
+#define INFOPT_INLINE __attribute__((always_inline)) inline
+#define INFOPT_LAMBDA_INLINE __attribute__((always_inline))
+
+// f(std::integral_constant<int, J>) for J = 0 .. N - 1, unrolled at compile time.
+template <int N, typename F>
+INFOPT_INLINE void unroll(F&& f) {
+  [&]<int... J>(std::integer_sequence<int, J...>) INFOPT_LAMBDA_INLINE {
+    (f(std::integral_constant<int, J>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
+}
+
+// Shared description of one packed weight, validated once per call.
+struct Weight {
+  const uint8_t* data;
+  int64_t out, tiles, in_pad, groups, group_size, unit_bytes, tile_bytes;
+  const float* scale;  // [tiles, groups, 4]
+  const int8_t* zero;  // same shape, nullptr when symmetric
+
+  INFOPT_INLINE const uint8_t* unit(int64_t t, int64_t u, int64_t r) const {
+    return data + t * tile_bytes + (u * kRows + r) * unit_bytes;
+  }
+  int64_t param(int64_t t, int64_t g, int64_t r) const { return (t * groups + g) * kRows + r; }
+  float zero_at(int64_t i) const { return zero == nullptr ? 0.0f : static_cast<float>(zero[i]); }
+};
+
+Weight describe(const at::Tensor& data, int64_t unit_cols, int64_t unit_bytes, const at::Tensor& scale,
+                const std::optional<at::Tensor>& zero, int64_t group_size, int64_t out) {
+  TORCH_CHECK(data.dim() == 2 && data.is_contiguous() && data.device().is_cpu(),
+              "packed data must be a contiguous 2-D CPU tensor");
+  const int64_t tiles = data.size(0), tile_bytes = data.size(1);
+  TORCH_CHECK(tile_bytes % (kRows * unit_bytes) == 0, "packed rows must hold whole units");
+  TORCH_CHECK(out > (tiles - 1) * kRows && out <= tiles * kRows, "out_features does not match the row tiles");
+  const int64_t in_pad = tile_bytes / (kRows * unit_bytes) * unit_cols;
+  TORCH_CHECK(group_size > 0 && group_size % 16 == 0 && in_pad % group_size == 0 &&
+                  (group_size % unit_cols == 0 || unit_cols % group_size == 0),
+              "group_size must be a multiple or a divisor of the ", unit_cols, "-column unit and divide in_pad");
+  const int64_t groups = in_pad / group_size;
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 3 &&
+                  scale.size(0) == tiles && scale.size(1) == groups && scale.size(2) == kRows,
+              "scale must be contiguous float32 [tiles, groups, 4]");
+  Weight w{static_cast<const uint8_t*>(data.data_ptr()), out, tiles, in_pad, groups, group_size, unit_bytes,
+           tile_bytes, scale.data_ptr<float>(), nullptr};
+  if (zero.has_value()) {
+    TORCH_CHECK(zero->scalar_type() == at::kChar && zero->is_contiguous() && zero->sizes() == scale.sizes(),
+                "zero must be contiguous int8 shaped like scale");
+    w.zero = zero->data_ptr<int8_t>();
+  }
+  return w;
+}
+
+// Decoders: load one row's unit, then produce its 16-column vectors J = 0 .. kVectors - 1 as fp32 weights,
+// given per-group state prepared once per row and group.
+struct Lut4 {
+  static constexpr int64_t kUnitCols = 128, kUnitBytes = 64, kVectors = 8;
+  __m512 lut;
+  struct Group {
+    __m512 table;  // the 16 weights (lut - zero) * scale
+  };
+  INFOPT_INLINE Group group(const Weight& w, int64_t t, int64_t g, int64_t r) const {
+    const int64_t i = w.param(t, g, r);
+    const __m512 shifted = _mm512_sub_ps(lut, _mm512_set1_ps(w.zero_at(i)));
+    return {_mm512_mul_ps(shifted, _mm512_set1_ps(w.scale[i]))};
+  }
+  INFOPT_INLINE static __m512i load(const uint8_t* unit) { return _mm512_loadu_si512(unit); }
+  template <int J>
+  INFOPT_INLINE static __m512 vec(__m512i raw, const Group& grp) {
+    const __m512i idx = J == 0 ? raw : _mm512_srli_epi32(raw, 4 * J);
+    return _mm512_permutexvar_ps(idx, grp.table);
+  }
+};
+
+template <bool kZero>
+struct Int8 {
+  static constexpr int64_t kUnitCols = 32, kUnitBytes = 32, kVectors = 2;
+  struct Group {
+    __m512 scale, zero;
+  };
+  INFOPT_INLINE Group group(const Weight& w, int64_t t, int64_t g, int64_t r) const {
+    const int64_t i = w.param(t, g, r);
+    return {_mm512_set1_ps(w.scale[i]), _mm512_set1_ps(w.zero_at(i))};
+  }
+  INFOPT_INLINE static const uint8_t* load(const uint8_t* unit) { return unit; }
+  template <int J>
+  INFOPT_INLINE static __m512 vec(const uint8_t* unit, const Group& grp) {
+    const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(unit + 16 * J));
+    __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+    if (kZero) v = _mm512_sub_ps(v, grp.zero);
+    return _mm512_mul_ps(v, grp.scale);
+  }
+};
+
+// Accumulators for R rows x NB activation rows. One activation row gets a second set (odd vectors) so that 8
+// independent FMA chains are in flight. The choice depends on NB only, so a row's summation order (and result)
+// does not depend on how rows are split between threads or register tiles. All indices are compile-time
+// constants (unroll) so that the accumulators stay in registers.
+template <int R, int NB>
+struct Acc {
+  static constexpr bool kSplit = NB == 1;
+  __m512 a[R][NB];
+  __m512 b[R][NB];
+
+  Acc() {
+    unroll<R>([&](auto r) INFOPT_LAMBDA_INLINE {
+      unroll<NB>([&](auto n) INFOPT_LAMBDA_INLINE { a[r][n] = b[r][n] = _mm512_setzero_ps(); });
+    });
+  }
+
+  // acc[r][n] += wv[r] * x[n][col : col + 16]: each activation vector is loaded once for all R rows.
+  template <bool kOdd>
+  INFOPT_INLINE void fma(const __m512 (&wv)[R], const float* x, int64_t ldx, int64_t col) {
+    unroll<NB>([&](auto n) INFOPT_LAMBDA_INLINE {
+      const __m512 xv = _mm512_loadu_ps(x + n * ldx + col);
+      unroll<R>([&](auto r) INFOPT_LAMBDA_INLINE {
+        if constexpr (kSplit && kOdd) {
+          b[r][n] = _mm512_fmadd_ps(wv[r], xv, b[r][n]);
+        } else {
+          a[r][n] = _mm512_fmadd_ps(wv[r], xv, a[r][n]);
+        }
+      });
+    });
+  }
+
+  // y[n, row0 + r] for the rows below `out` (padding rows are dropped).
+  INFOPT_INLINE void store(float* y, int64_t ldy, int64_t row0, int64_t out) {
+    for (int r = 0; r < R; ++r) {
+      if (row0 + r >= out) break;
+      for (int n = 0; n < NB; ++n) {
+        const __m512 v = kSplit ? _mm512_add_ps(a[r][n], b[r][n]) : a[r][n];
+        y[n * ldy + row0 + r] = _mm512_reduce_add_ps(v);
+      }
+    }
+  }
+};
+
+// The R = 4 rows of tile t times activation rows 0 .. NB - 1 of x. GPU = groups per unit: 1 when a group
+// spans whole units (its state is built once per group), else 2 or 4 (lut4 with groups of 64 or 32 columns).
+// Per 16-column vector: decode it for the R rows, then one activation load feeds R FMAs.
+template <int R, int NB, int GPU, typename Dec>
+void tile_dot(const Weight& w, const Dec& dec, int64_t t, const float* x, int64_t ldx, float* y) {
+  constexpr int V = Dec::kVectors;
+  Acc<R, NB> acc;
+  const int64_t units = w.in_pad / Dec::kUnitCols;
+  const int64_t units_per_step = GPU == 1 ? w.group_size / Dec::kUnitCols : 1;
+  for (int64_t u0 = 0; u0 < units; u0 += units_per_step) {
+    typename Dec::Group grp[R][GPU];
+    const int64_t g0 = u0 * Dec::kUnitCols / w.group_size;
+    unroll<R>([&](auto r) INFOPT_LAMBDA_INLINE {
+      unroll<GPU>([&](auto k) INFOPT_LAMBDA_INLINE { grp[r][k] = dec.group(w, t, g0 + k, r); });
+    });
+    for (int64_t u = u0; u < u0 + units_per_step; ++u) {
+      decltype(Dec::load(nullptr)) raw[R];
+      unroll<R>([&](auto r) INFOPT_LAMBDA_INLINE { raw[r] = Dec::load(w.unit(t, u, r)); });
+      // The tile-unit kPrefetchBytes further down the stream (prefetches never fault past the end).
+      const uintptr_t ahead = reinterpret_cast<uintptr_t>(w.unit(t, u, 0)) + kPrefetchBytes;
+      unroll<kRows * Dec::kUnitBytes / 64>([&](auto l) INFOPT_LAMBDA_INLINE {
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + 64 * l), _MM_HINT_T0);
+      });
+      unroll<V>([&](auto j) INFOPT_LAMBDA_INLINE {
+        constexpr int J = decltype(j)::value;
+        __m512 wv[R];
+        unroll<R>([&](auto r) INFOPT_LAMBDA_INLINE { wv[r] = Dec::template vec<J>(raw[r], grp[r][J * GPU / V]); });
+        acc.template fma<(J & 1) == 1>(wv, x, ldx, u * Dec::kUnitCols + 16 * J);
+      });
+    }
+  }
+  acc.store(y, w.out, t * kRows, w.out);
+}
+
+// Calls f(std::integral_constant<int, NB>) with NB = n in 1..4.
+template <typename F>
+void with_batch(int64_t n, F f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+// Runs all tiles against slices of up to 4 activation rows, in parallel over tiles (at least ~64 KiB of packed
+// weight per task, so small layers stay on one thread). With more than 4 activation rows the slices loop inside
+// chunks of tiles (kChunkBytes), so slices after the first re-read those weight bytes from L2 rather than memory.
+// (Measured: 4-row x 4-token register tiles beat 2-row x 8-token ones by up to 25% at 8-16 tokens.)
+template <int GPU, typename Dec>
+at::Tensor drive(const Weight& w, const Activations& x, const Dec& dec) {
+  at::Tensor y = at::empty({x.rows, w.out}, at::TensorOptions().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  if (x.rows == 0 || w.out == 0) return y;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / w.tile_bytes);
+  const int64_t chunk = x.rows <= kBatchTile ? w.tiles : std::max<int64_t>(1, kChunkBytes / w.tile_bytes);
+  at::parallel_for(0, w.tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t c0 = t0; c0 < t1; c0 += chunk) {
+      const int64_t c1 = std::min(t1, c0 + chunk);
+      for (int64_t b0 = 0; b0 < x.rows; b0 += kBatchTile) {
+        with_batch(std::min(kBatchTile, x.rows - b0), [&](auto nb) {
+          constexpr int NB = decltype(nb)::value;
+          const float* xb = x.data + b0 * x.ld;
+          for (int64_t t = c0; t < c1; ++t) tile_dot<kRows, NB, GPU>(w, dec, t, xb, x.ld, yp + b0 * w.out);
+        });
+      }
+    }
+  });
+  return y;
+}
+
+// Dequantized fp32 rows [row0, row1) in packed column order, [row1 - row0, in_pad]: lets large batches go
+// through a dense GEMM tile by tile.
+template <typename Dec>
+at::Tensor dequant_rows(const Weight& w, const Dec& dec, int64_t row0, int64_t row1) {
+  TORCH_CHECK(0 <= row0 && row0 <= row1 && row1 <= w.out, "row range out of bounds");
+  constexpr int V = Dec::kVectors;
+  at::Tensor out = at::empty({row1 - row0, w.in_pad}, at::TensorOptions().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) * kRows / w.tile_bytes);
+  at::parallel_for(row0, row1, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t t = row / kRows, r = row % kRows;
+      float* dst = op + (row - row0) * w.in_pad;
+      for (int64_t u = 0; u < w.in_pad / Dec::kUnitCols; ++u) {
+        const auto raw = Dec::load(w.unit(t, u, r));
+        unroll<V>([&](auto j) INFOPT_LAMBDA_INLINE {
+          constexpr int J = decltype(j)::value;
+          const int64_t col = u * Dec::kUnitCols + 16 * J;
+          _mm512_storeu_ps(dst + col, Dec::template vec<J>(raw, dec.group(w, t, col / w.group_size, r)));
+        });
+      }
+    }
+  });
+  return out;
+}
+
+// Groups per unit for the tile_dot template: 1 when groups span whole units.
+int64_t groups_per_unit(const Weight& w, int64_t unit_cols) {
+  return w.group_size >= unit_cols ? 1 : unit_cols / w.group_size;
+}
+
+Lut4 lut4_decoder(const at::Tensor& lut) {
+  TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.is_contiguous() && lut.numel() == 16,
+              "lut must be 16 contiguous float32 values");
+  return {_mm512_loadu_ps(lut.data_ptr<float>())};
+}
+
+Weight describe_lut4(const at::Tensor& packed, const at::Tensor& scale, const std::optional<at::Tensor>& zero,
+                     int64_t group_size, int64_t out) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "lut4 data must be uint8");
+  return describe(packed, Lut4::kUnitCols, Lut4::kUnitBytes, scale, zero, group_size, out);
+}
+
+Weight describe_int8(const at::Tensor& codes, const at::Tensor& scale, const std::optional<at::Tensor>& zero,
+                     int64_t group_size, int64_t out) {
+  TORCH_CHECK(codes.scalar_type() == at::kChar, "int8 data must be int8");
+  return describe(codes, Int8<false>::kUnitCols, Int8<false>::kUnitBytes, scale, zero, group_size, out);
+}
+
+at::Tensor lut4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                   const std::optional<at::Tensor>& zero, const at::Tensor& lut, int64_t group_size,
+                   int64_t out_features, const std::optional<at::Tensor>& perm) {
+  const Weight w = describe_lut4(packed, scale, zero, group_size, out_features);
+  const Activations a = prepare(x, w.in_pad, perm);
+  const Lut4 dec = lut4_decoder(lut);
+  switch (groups_per_unit(w, Lut4::kUnitCols)) {
+    case 1: return drive<1>(w, a, dec);
+    case 2: return drive<2>(w, a, dec);
+    case 4: return drive<4>(w, a, dec);
+    default: TORCH_CHECK(false, "lut4 groups must be 32, 64 or a multiple of 128 columns");
+  }
+}
+
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                   const std::optional<at::Tensor>& zero, int64_t group_size, int64_t out_features,
+                   const std::optional<at::Tensor>& perm) {
+  const Weight w = describe_int8(codes, scale, zero, group_size, out_features);
+  TORCH_CHECK(groups_per_unit(w, Int8<false>::kUnitCols) == 1, "int8 groups must be a multiple of 32 columns");
+  const Activations a = prepare(x, w.in_pad, perm);
+  return w.zero != nullptr ? drive<1>(w, a, Int8<true>{}) : drive<1>(w, a, Int8<false>{});
+}
+
+at::Tensor lut4_dequant(const at::Tensor& packed, const at::Tensor& scale, const std::optional<at::Tensor>& zero,
+                        const at::Tensor& lut, int64_t group_size, int64_t out_features, int64_t row0, int64_t row1) {
+  const Weight w = describe_lut4(packed, scale, zero, group_size, out_features);
+  return dequant_rows(w, lut4_decoder(lut), row0, row1);
+}
+
+at::Tensor int8_dequant(const at::Tensor& codes, const at::Tensor& scale, const std::optional<at::Tensor>& zero,
+                        int64_t group_size, int64_t out_features, int64_t row0, int64_t row1) {
+  const Weight w = describe_int8(codes, scale, zero, group_size, out_features);
+  return dequant_rows(w, Int8<true>{}, row0, row1);  // subtracting a zero of 0 is exact
+}
+
+}  // namespace
+
+TORCH_LIBRARY(infopt_kernels, m) {
+  m.def("lut4_mm", &lut4_mm);
+  m.def("int8_mm", &int8_mm);
+  m.def("lut4_dequant", &lut4_dequant);
+  m.def("int8_dequant", &int8_dequant);
+}

@@ -1,0 +1,113 @@
+"""QuantLinear: an nn.Linear replacement that keeps its weight quantized and packed for the CPU kernels.
+
+    layer = QuantLinear.from_quantized(quantized_weight, bias)      # backend "ext" when the extension loads
+    replace_linears(model, {"model.layers.0.mlp.down_proj.weight": quantized_weight, ...})
+
+Numbers: y = x @ w.T + bias in fp32 with w = (code - zero) * scale formed in fp32 (for fp32 scales exactly
+QuantizedWeight.dequantize()), returned in x's dtype. Backends:
+  "ext":   the C++ kernels on the packed weight (infopt.runtime.kernels);
+  "torch": plain torch. By default the weight is dequantized to fp32 once at load (4 bytes a weight, fastest
+           fallback); lean=True keeps it packed and dequantizes tile by tile on every call instead.
+A weight the packed layouts cannot hold (irregular act-order groups, group widths the kernels skip) always gets
+the dense torch path; `note` says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from infopt.errors import InfoptError
+from infopt.quant.nf4 import FourBitWeight
+from infopt.quant.rtn import QuantizedWeight
+from infopt.runtime import kernels
+from infopt.runtime.kernels import PackedWeight, Unpackable
+
+BACKENDS = ("ext", "torch")
+
+
+class QuantLinear(nn.Module):
+    """y = x @ w.T + bias for a quantized w; x of any leading shape [..., in_features]."""
+
+    def __init__(self, in_features: int, out_features: int, backend: str, packed: PackedWeight | None = None,
+                 dense: torch.Tensor | None = None, bias: torch.Tensor | None = None, note: str = "") -> None:
+        super().__init__()
+        if (packed is None) == (dense is None):
+            raise ValueError("QuantLinear needs exactly one of a packed or a dense weight")
+        self.in_features, self.out_features = in_features, out_features
+        self.backend = backend
+        # Plain attributes, not buffers: Module.to(dtype) must not cast the fp32 scales, tables or bias.
+        self.packed = packed
+        self.dense = dense
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.note = note
+
+    @classmethod
+    def from_quantized(cls, weight: QuantizedWeight | FourBitWeight, bias: torch.Tensor | None = None,
+                       backend: str | None = None, lean: bool = False) -> QuantLinear:
+        """Pack `weight` for `backend` ("ext", "torch", or None: "ext" when the extension is available)."""
+        if backend not in (None, *BACKENDS):
+            raise InfoptError(f"invalid backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        out_f, in_f = weight.shape
+        note = ""
+        if backend is None:
+            backend = "ext" if kernels.available() else "torch"
+            note = "" if backend == "ext" else f"extension unavailable: {kernels.reason()}"
+        elif backend == "ext" and not kernels.available():
+            raise InfoptError(f"the infopt kernels are unavailable: {kernels.reason()}")
+        try:
+            packed = kernels.pack(weight)
+        except Unpackable as exc:
+            dense = kernels.dequantize_fp32(weight).contiguous()
+            return cls(in_f, out_f, "torch", dense=dense, bias=bias, note=f"not packable: {exc}")
+        if backend == "torch" and not lean:
+            return cls(in_f, out_f, backend, dense=kernels.dense_weight(packed), bias=bias, note=note)
+        return cls(in_f, out_f, backend, packed=packed, bias=bias, note=note)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for the weight (packed data, scales, zero points; or the dense fp32 copy)."""
+        return self.packed.nbytes if self.packed is not None else self.dense.numel() * self.dense.element_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.dense is not None:
+            y = torch.nn.functional.linear(x2.float(), self.dense)
+        else:
+            y = kernels.matmul(x2, self.packed, self.backend)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        layout = f"{self.packed.kind}, group {self.packed.group_size}" if self.packed is not None else "dense fp32"
+        return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}, {layout}"
+
+
+def replace_linears(model: nn.Module, quantized: Mapping[str, QuantizedWeight | FourBitWeight],
+                    backend: str | None = None, lean: bool = False) -> list[str]:
+    """Swap each named nn.Linear of `model` for a QuantLinear holding its quantized weight; returns the names.
+
+    Keys are module names, with or without the ".weight" suffix the format readers use. The linear's bias is
+    kept (in fp32); its dense weight is dropped.
+    """
+    replaced = []
+    for key, weight in quantized.items():
+        name = key.removesuffix(".weight")
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise InfoptError(f"{name}: no such module in the model") from None
+        if not isinstance(linear, nn.Linear):
+            raise InfoptError(f"{name}: expected an nn.Linear, found {type(linear).__name__}")
+        if tuple(weight.shape) != (linear.out_features, linear.in_features):
+            raise InfoptError(f"{name}: quantized shape {tuple(weight.shape)} does not match the linear's "
+                              f"{(linear.out_features, linear.in_features)}")
+        layer = QuantLinear.from_quantized(weight, linear.bias, backend, lean)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        replaced.append(name)
+    return replaced

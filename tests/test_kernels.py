@@ -1,0 +1,285 @@
+"""CPU kernels for quantized linears: the C++ extension and the torch fallback against dequantize() matmuls."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from infopt.errors import InfoptError
+from infopt.quant.nf4 import quantize_4bit
+from infopt.quant.rtn import QuantizedWeight, quantize_rtn
+from infopt.quant.spec import QuantSpec
+from infopt.runtime import kernels
+from infopt.runtime.kernels import build, ops, packing
+from infopt.runtime.qlinear import QuantLinear, replace_linears
+from tests.tiny_models import make_tiny_model
+
+needs_ext = pytest.mark.skipif(not kernels.available(), reason=f"infopt kernels unavailable: {kernels.reason()}")
+TOL = 1e-5  # fp32 summation-order differences only
+
+# (out, in, bits, group, symmetric, act_order): multiples of 32/64/128 and ragged shapes, every group layout
+CASES = [
+    (64, 128, 4, 32, True, False),
+    (96, 256, 4, 64, False, False),
+    (130, 512, 4, 128, True, False),  # rows not a multiple of the 4-row tile
+    (33, 100, 4, -1, False, False),  # per-channel, columns padded to a unit
+    (32, 768, 4, 256, False, False),
+    (64, 384, 4, 128, False, True),  # GPTQ act-order
+    (40, 96, 4, 32, False, True),  # act-order, small groups, padded groups
+    (48, 256, 3, 64, False, False),
+    (40, 192, 2, 32, True, False),
+    (72, 256, 8, -1, True, False),
+    (64, 256, 8, 64, False, False),
+    (36, 96, 8, 32, True, True),
+    (17, 50, 8, -1, False, False),
+]
+BATCHES = [1, 3, 16]
+
+
+def _weight(out_f: int, in_f: int, bits: int, group: int, symmetric: bool, act_order: bool = False,
+            dtype: torch.dtype = torch.float32, seed: int = 0) -> QuantizedWeight:
+    gen = torch.Generator().manual_seed(seed)
+    weight = quantize_rtn(torch.randn(out_f, in_f, generator=gen).to(dtype), QuantSpec(bits, group, symmetric))
+    if not act_order:
+        return weight
+    # GPTQ act-order: sorted column i (groups contiguous) is stored at column perm[i], g_idx = i // width
+    perm = torch.randperm(in_f, generator=gen)
+    codes = torch.empty_like(weight.codes)
+    codes[:, perm] = weight.codes
+    g_idx = torch.empty(in_f, dtype=torch.int32)
+    g_idx[perm] = weight.column_groups()
+    return QuantizedWeight(codes, weight.scale, weight.zero, weight.spec, g_idx)
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _reference(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    return x.double() @ dense.double().T
+
+
+def _case_id(case) -> str:
+    out_f, in_f, bits, group, sym, act = case
+    return f"{out_f}x{in_f}-int{bits}-g{group}-{'sym' if sym else 'asym'}{'-act' if act else ''}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_fallback_matches_dequantize(case):
+    weight = _weight(*case)
+    dense = weight.dequantize()
+    assert torch.equal(packing.dequantize_fp32(weight), dense)  # fp32 scales: the same arithmetic
+    packed = kernels.pack(weight)
+    assert torch.equal(ops.dense_weight(packed), dense)  # packing loses nothing
+    for batch in BATCHES:
+        x = torch.randn(batch, weight.shape[1])
+        ref = _reference(x, dense)
+        assert _rel(ops.tiled_matmul(x, packed, use_kernels=False), ref) < TOL
+        assert _rel(kernels.matmul(x, packed, backend="torch"), ref) < TOL
+
+
+@needs_ext
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_extension_matches_fallback(case, batch):
+    weight = _weight(*case, seed=batch)
+    packed = kernels.pack(weight)
+    x = torch.randn(batch, weight.shape[1])
+    ref = _reference(x, weight.dequantize())
+    y_ext = ops.kernel_matmul(x, packed)
+    assert y_ext.dtype == torch.float32 and y_ext.shape == (batch, weight.shape[0])
+    assert _rel(y_ext, ref) < TOL
+    assert _rel(y_ext, ops.tiled_matmul(x, packed, use_kernels=False)) < TOL
+    # bf16 activations are widened exactly: compare with the fp32 product of the same values
+    xb = x.bfloat16()
+    assert _rel(ops.kernel_matmul(xb, packed), _reference(xb.float(), weight.dequantize())) < TOL
+
+
+@needs_ext
+@pytest.mark.parametrize("case", CASES[:6] + CASES[9:11], ids=_case_id)
+def test_extension_dequantize_is_bit_exact(case):
+    packed = kernels.pack(_weight(*case))
+    rows = packed.out_features
+    assert torch.equal(ops.kernel_dequantize(packed, 0, rows), ops.torch_dequantize(packed, 0, rows))
+    assert torch.equal(ops.kernel_dequantize(packed, 5, rows - 2), ops.torch_dequantize(packed, 5, rows - 2))
+
+
+@needs_ext
+def test_extension_large_batch_and_tiled_path(monkeypatch):
+    weight = _weight(70, 256, 4, 64, False)
+    packed = kernels.pack(weight)
+    x = torch.randn(37, 256)
+    ref = _reference(x, weight.dequantize())
+    assert _rel(ops.kernel_matmul(x, packed), ref) < TOL  # 37 tokens: 9 slices of 4, one of 1
+    monkeypatch.setattr(kernels, "MAX_KERNEL_TOKENS", 8)
+    assert _rel(kernels.matmul(x, packed), ref) < TOL  # dequantize tiles by the extension + dense GEMM
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_four_bit_weights(quant_type, double_quant):
+    weight = quantize_4bit(torch.randn(36, 256), quant_type, 64, double_quant)
+    dense = weight.dequantize()
+    x = torch.randn(3, 256)
+    layers = [QuantLinear.from_quantized(weight, backend="torch"), QuantLinear.from_quantized(weight, backend="torch",
+                                                                                              lean=True)]
+    if kernels.available():
+        layers.append(QuantLinear.from_quantized(weight, backend="ext"))
+    for layer in layers:
+        assert layer.packed is None or layer.packed.kind == "lut4"
+        assert _rel(layer(x), _reference(x, dense)) < TOL
+
+
+def test_bf16_scales_follow_fp32_semantics():
+    weight = _weight(64, 256, 4, 64, False, dtype=torch.bfloat16)
+    assert weight.scale.dtype == torch.bfloat16
+    fp32 = packing.dequantize_fp32(weight)  # (code - zero) * scale in fp32, not rounded back to bf16
+    packed = kernels.pack(weight)
+    assert torch.equal(ops.dense_weight(packed), fp32)
+    # dequantize() rounds every weight to bf16: within half a bf16 ulp of the fp32 value
+    assert torch.allclose(weight.dequantize().float(), fp32, rtol=2**-8, atol=0)
+    x = torch.randn(2, 256)
+    backends = ["torch", "ext"] if kernels.available() else ["torch"]
+    for backend in backends:
+        assert _rel(QuantLinear.from_quantized(weight, backend=backend)(x), _reference(x, fp32)) < TOL
+
+
+def test_quant_linear_shapes_dtypes_and_bias():
+    weight = _weight(48, 128, 4, 32, False)
+    bias = torch.randn(48)
+    x = torch.randn(2, 5, 128)
+    ref = (_reference(x.reshape(-1, 128), weight.dequantize()) + bias.double()).reshape(2, 5, 48)
+    backends = ["torch", "ext"] if kernels.available() else ["torch"]
+    for backend in backends:
+        for lean in (False, True):
+            layer = QuantLinear.from_quantized(weight, bias, backend=backend, lean=lean)
+            assert layer.backend == backend
+            y = layer(x)
+            assert y.shape == (2, 5, 48) and y.dtype == torch.float32
+            assert _rel(y, ref) < TOL
+            yb = layer(x.bfloat16())
+            assert yb.dtype == torch.bfloat16
+            assert _rel(yb.float(), (_reference(x.bfloat16().float().reshape(-1, 128), weight.dequantize())
+                                     + bias.double()).reshape(2, 5, 48)) < 1e-2  # bf16 output rounding
+
+
+def test_unpackable_weights_fall_back_to_dense():
+    group16 = _weight(32, 64, 4, 16, True)
+    irregular = _weight(32, 256, 4, 64, False)
+    irregular.g_idx = torch.tensor([0] * 96 + [1] * 32 + [2] * 64 + [3] * 64, dtype=torch.int32)
+    for weight, reason in ((group16, "groups of 16"), (irregular, "same size")):
+        with pytest.raises(kernels.Unpackable, match=reason):
+            kernels.pack(weight)
+        layer = QuantLinear.from_quantized(weight)
+        assert layer.backend == "torch" and layer.packed is None and reason in layer.note
+        x = torch.randn(3, weight.shape[1])
+        assert _rel(layer(x), _reference(x, weight.dequantize())) < TOL
+
+
+def test_layout_roundtrips():
+    indices = torch.randint(0, 16, (8, 256), dtype=torch.uint8)
+    packed = packing.pack_nibbles(indices)
+    assert packed.shape == (8, 128) and torch.equal(packing.unpack_nibbles(packed), indices)
+    # byte k of dword l in unit 0 holds columns 16 * 2k + l (low nibble) and 16 * (2k + 1) + l (high nibble)
+    assert int(packed[0, 4 * 3 + 1]) == int(indices[0, 32 + 3]) | int(indices[0, 48 + 3]) << 4
+    rows = torch.arange(8 * 64, dtype=torch.int32).reshape(8, 64)
+    assert torch.equal(packing.untile_rows(packing.tile_rows(rows, 16), 16), rows)
+    assert torch.equal(packing.tile_rows(rows, 16)[0, 16:32], rows[1, :16])  # unit 0 of row 1 follows row 0's
+
+
+def test_precheck_reasons():
+    assert build.precheck(env={"INFOPT_NO_EXT": "1"}) == "disabled by INFOPT_NO_EXT"
+    assert "lacks" in build.precheck(env={}, flags={"avx2", "fma"})
+
+
+def test_build_failure_falls_back_with_a_warning(monkeypatch):
+    def broken() -> None:
+        raise RuntimeError("compiler exploded")
+
+    monkeypatch.setattr(build, "_state", {})
+    monkeypatch.setattr(build, "precheck", lambda: None)
+    monkeypatch.setattr(build, "_build", broken)
+    with pytest.warns(UserWarning, match="compiler exploded"):
+        assert build.ops() is None
+    assert not build.available() and "build failed" in build.reason()
+    layer = QuantLinear.from_quantized(_weight(8, 64, 4, 32, True))
+    assert layer.backend == "torch" and "compiler exploded" in layer.note
+
+
+def test_no_ext_environment_selects_torch():
+    code = ("import torch; from infopt.quant.rtn import quantize_rtn; from infopt.quant.spec import QuantSpec;"
+            "from infopt.runtime.qlinear import QuantLinear;"
+            "w = quantize_rtn(torch.randn(8, 64), QuantSpec(4, 32, True)); layer = QuantLinear.from_quantized(w);"
+            "x = torch.randn(2, 64); err = (layer(x) - x @ w.dequantize().T).abs().max().item();"
+            "print(layer.backend, layer.note, err < 1e-4)")
+    env = {**os.environ, "INFOPT_NO_EXT": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["torch", "extension", "unavailable:", "disabled", "by", "INFOPT_NO_EXT", "True"]
+
+
+@needs_ext
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPUs")
+def test_thread_count_does_not_change_results():
+    packed = kernels.pack(_weight(256, 4096, 4, 128, False))
+    x = torch.randn(5, 4096)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.kernel_matmul(x, packed)
+        torch.set_num_threads(2)
+        two = ops.kernel_matmul(x, packed)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each row's summation order is fixed, whatever the split
+
+
+def _quantized_llama(tmp_path):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(make_tiny_model("llama", tmp_path / "llama"),
+                                                              dtype=torch.float32).eval()
+    specs = [QuantSpec(4, 32, False), QuantSpec(8, -1, True), QuantSpec(4, 64, True), QuantSpec(3, 32, False)]
+    quantized = {}
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for i, (name, module) in enumerate(linears):
+        weight = quantize_rtn(module.weight.detach(), specs[i % len(specs)])
+        if i % 5 == 2:  # some act-order weights too
+            weight = _weight(*module.weight.shape, 4, 32, False, act_order=True, seed=i)
+            weight = QuantizedWeight(weight.codes, weight.scale * module.weight.abs().mean(), weight.zero,
+                                     weight.spec, weight.g_idx)
+        quantized[f"{name}.weight"] = weight
+    return model, quantized
+
+
+@pytest.mark.parametrize("backend,lean", [("ext", False), ("torch", False), ("torch", True)])
+def test_replace_linears_on_tiny_llama(tmp_path, backend, lean):
+    if backend == "ext" and not kernels.available():
+        pytest.skip(f"infopt kernels unavailable: {kernels.reason()}")
+    model, quantized = _quantized_llama(tmp_path)
+    reference = copy.deepcopy(model)
+    for name, weight in quantized.items():
+        reference.get_submodule(name.removesuffix(".weight")).weight.data = weight.dequantize()
+    replaced = replace_linears(model, quantized, backend=backend, lean=lean)
+    assert len(replaced) == len(quantized)
+    assert all(isinstance(model.get_submodule(n), QuantLinear) for n in replaced)
+    ids = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert _rel(got, want) < 1e-4
+
+
+def test_replace_linears_rejects_bad_names(tmp_path):
+    model, quantized = _quantized_llama(tmp_path)
+    name, weight = next(iter(quantized.items()))
+    with pytest.raises(InfoptError, match="no such module"):
+        replace_linears(model, {"model.nope.weight": weight})
+    with pytest.raises(InfoptError, match="expected an nn.Linear"):
+        replace_linears(model, {"model.norm": weight})
+    wrong = quantize_rtn(torch.randn(3, 64), QuantSpec(4, 32, True))
+    with pytest.raises(InfoptError, match="does not match"):
+        replace_linears(model, {name: wrong})

@@ -22,7 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 THREADS = 2
-TITLES = {"foundation": "RTN and packing (foundation)", "gptq": "GPTQ, AWQ, NF4/FP4 and RTN next to llm-compressor"}
+TITLES = {"foundation": "RTN and packing (foundation)", "gptq": "GPTQ, AWQ, NF4/FP4 and RTN next to llm-compressor",
+          "kernels": "Quantized matrix-vector kernels (runtime groundwork)"}
 
 
 def machine() -> str:
@@ -57,6 +58,10 @@ def run_section(name: str, work: Path, repeats: int) -> list[str]:
         from train_bench_model import ensure_bench_model
 
         return bench_gptq.section(ensure_bench_model(THREADS), _stories(work), work, THREADS)
+    if name == "kernels":
+        import bench_kernels
+
+        return bench_kernels.section()
     raise SystemExit(f"unknown section {name!r}: {', '.join(TITLES)}")
 
 

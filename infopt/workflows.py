@@ -162,7 +162,7 @@ def _expected_bytes(req: QuantizeRequest, plan: QuantPlan, dtype_bytes: int) -> 
                                           for e in plan.quantized)
 
 
-def _rtn_items(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, storage: Storage, errors: dict[str, float],
+def _streamed_items(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, storage: Storage, errors: dict[str, float],
                progress: Progress | None):
     """Calibration-free methods, one weight at a time as the source is streamed."""
     specs = {e.module: e.spec for e in plan.quantized}
@@ -301,7 +301,7 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
         check_output_target(req.out, req.force)
     model = open_model(req.model, req.allow_pickle)
     plan = plan_quantization(req, model)
-    dtype_bytes = _source_element_bytes(model)
+    dtype_bytes = _source_dtype(model).itemsize
     report = {
         "source": req.model,
         "method": req.method,
@@ -323,7 +323,7 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     adapter = adapter_for(text_config(model.config))
     errors: dict[str, float] = {}
     method_info = {"method": req.method, "quant_type": req.method, "double_quant": req.double_quant,
-                   "compute_dtype": _compute_dtype(model)}
+                   "compute_dtype": _source_dtype(model)}
     if req.method in CALIBRATED:
         work_dir, details = _run_calibrated(req, model, plan, fmt, progress)
         report.update(details)
@@ -334,7 +334,7 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     else:
         work_dir = None
         report["error_metric"] = "relative weight MSE"
-        items = _rtn_items(req, model, plan, fmt.storage, errors, progress)
+        items = _streamed_items(req, model, plan, fmt.storage, errors, progress)
     with atomic_output_dir(req.out, req.force) as tmp:
         writer = ShardedWriter(tmp, req.max_shard_bytes)
         specs = fmt.write_weights(writer, items)
@@ -389,14 +389,10 @@ def _card_metrics(metrics: dict, dataset: str | None) -> dict:
     return out
 
 
-def _compute_dtype(model: ModelDir) -> torch.dtype:
+def _source_dtype(model: ModelDir) -> torch.dtype:
+    """The checkpoint's declared float dtype (float32 unless it says float16 or bfloat16)."""
     dtype = str(text_config(model.config).get("torch_dtype") or model.config.get("dtype") or "float32")
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype, torch.float32)
-
-
-def _source_element_bytes(model: ModelDir) -> int:
-    dtype = str(text_config(model.config).get("torch_dtype") or model.config.get("dtype") or "float32")
-    return 4 if "32" in dtype else 2
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype.removeprefix("torch."), torch.float32)
 
 
 def evaluate_checkpoint(model: str | ModelDir, dataset: str, baseline: str | ModelDir | None = None,

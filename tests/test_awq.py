@@ -1,7 +1,6 @@
 """AWQ: scale folding keeps the model's function, the search helps, skipped groups are reported."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from infopt.models.streaming import LayerStream, move_kwargs
 from infopt.quant.awq import AWQConfig, fold_scale
 from infopt.quant.spec import QuantSpec
 from infopt.workflows import QuantizeRequest, evaluate_checkpoint, quantize, work_dir_for
-from tests.tiny_models import ARCH_CONFIGS, make_tiny_model
+from tests.tiny_models import ARCH_CONFIGS, copy_tokenizer, make_tiny_model
 
 
 @pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
@@ -47,10 +46,7 @@ def test_folding_scales_leaves_the_full_precision_layer_unchanged(arch, tmp_path
 def tiny(tmp_path_factory, stories_hf):
     path = make_tiny_model("llama", tmp_path_factory.mktemp("src") / "llama", vocab_size=512, hidden_size=128,
                            intermediate_size=256, num_key_value_heads=4)
-    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
-        if (stories_hf / name).is_file():
-            shutil.copy(stories_hf / name, path / name)
-    return path
+    return copy_tokenizer(stories_hf, path)
 
 
 def _awq(src, out, **kw):

@@ -1,7 +1,6 @@
 """GPTQ: the algorithm's properties, and the sequential driver's resume / offload / streaming behaviour."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from infopt.quant.gptq import GPTQConfig, Hessian, gptq_quantize, output_error
 from infopt.quant.rtn import quantize_rtn
 from infopt.quant.spec import QuantSpec
 from infopt.workflows import QuantizeRequest, quantize, work_dir_for
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import copy_tokenizer, make_tiny_model
 
 
 def _problem(out_f=64, in_f=256, rows=2048, seed=0):
@@ -93,10 +92,7 @@ def test_dampening_is_raised_when_the_hessian_is_not_positive_definite():
 def tiny_llama(tmp_path_factory, stories_hf):
     """A random Llama with stories260K's tokenizer, so calibration text can be tokenized."""
     path = make_tiny_model("llama", tmp_path_factory.mktemp("src") / "llama", vocab_size=512)
-    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"):
-        if (stories_hf / name).is_file():
-            shutil.copy(stories_hf / name, path / name)
-    return path
+    return copy_tokenizer(stories_hf, path)
 
 
 def _gptq(src, out, **kw):

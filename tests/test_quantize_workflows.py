@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel 7.6 reads this at import
 
@@ -15,7 +14,7 @@ from infopt.models.loading import load_causal_lm  # noqa: E402
 from infopt.quant.gptq import GPTQConfig  # noqa: E402
 from infopt.quant.spec import QuantSpec, parse_override  # noqa: E402
 from infopt.workflows import QuantizeRequest, quantize  # noqa: E402
-from tests.tiny_models import make_tiny_model  # noqa: E402
+from tests.tiny_models import copy_tokenizer, make_tiny_model  # noqa: E402
 
 IDS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -25,10 +24,7 @@ def tiny(tmp_path_factory, stories_hf):
     """A random Llama with shapes every packed format accepts, and stories260K's tokenizer."""
     path = make_tiny_model("llama", tmp_path_factory.mktemp("src") / "llama", vocab_size=512, hidden_size=128,
                            intermediate_size=256)
-    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
-        if (stories_hf / name).is_file():
-            shutil.copy(stories_hf / name, path / name)
-    return path
+    return copy_tokenizer(stories_hf, path)
 
 
 def _logits(model) -> torch.Tensor:

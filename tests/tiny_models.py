@@ -27,3 +27,16 @@ def make_tiny_model(arch: str, path: Path, seed: int = 0, dtype: torch.dtype = t
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
     model.save_pretrained(path)
     return path
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
+
+
+def copy_tokenizer(source: Path, model: Path) -> Path:
+    """Give a tiny model (vocab 512) another folder's tokenizer, so calibration text can be tokenized."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, model / name)
+    return model

@@ -23,7 +23,7 @@ import torch
 from infopt.errors import InfoptError
 from infopt.formats.gptq import _block_of, _has_act_order
 from infopt.formats.packing import pack_int32, unpack_int32
-from infopt.formats.safetensors_io import ShardedWriter, load_tensors
+from infopt.formats.safetensors_io import ShardedWriter, load_tensors, write_items
 from infopt.quant.rtn import QuantizedWeight
 from infopt.quant.spec import QuantSpec
 
@@ -104,23 +104,18 @@ def _awq_tensors(module: str, value: QuantizedWeight) -> dict[str, torch.Tensor]
     }
 
 
+def _module_tensors(module: str, value: QuantizedWeight) -> dict[str, torch.Tensor]:
+    _check_module(module, value)
+    return _awq_tensors(module, value)
+
+
 def write_weights(
     writer: ShardedWriter, items: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]
 ) -> dict[str, QuantSpec]:
     """Add tensors to the writer; quantized `X.weight` items become AWQ's tensor set (one spec for all)."""
-    specs: dict[str, QuantSpec] = {}
-    for name, value in items:
-        if not isinstance(value, QuantizedWeight):
-            writer.add(name, value)
-            continue
-        module = name.removesuffix(".weight")
-        _check_module(module, value)
-        first = next(iter(specs.values()), value.spec)
-        if value.spec != first:
-            _raise_mixed({first, value.spec})
-        for tensor_name, tensor in _awq_tensors(module, value).items():
-            writer.add(tensor_name, tensor)
-        specs[module] = value.spec
+    specs = write_items(writer, items, QuantizedWeight, _module_tensors, lambda value: value.spec)
+    if len(set(specs.values())) > 1:
+        _raise_mixed(set(specs.values()))
     return specs
 
 

@@ -24,7 +24,7 @@ from typing import Iterable
 import torch
 
 from infopt.errors import InfoptError
-from infopt.formats.safetensors_io import ShardedWriter, load_tensors
+from infopt.formats.safetensors_io import ShardedWriter, load_tensors, write_items
 from infopt.quant.nf4 import QUANT_TYPES, FourBitWeight
 
 QUANT_METHOD = "bitsandbytes"
@@ -82,20 +82,15 @@ def weight_tensors(module: str, weight: FourBitWeight) -> dict[str, torch.Tensor
     return tensors
 
 
+def _scheme(weight: FourBitWeight) -> BnbScheme:
+    return BnbScheme(weight.quant_type, weight.blocksize, weight.double_quant, weight.quant_storage)
+
+
 def write_weights(
     writer: ShardedWriter, items: Iterable[tuple[str, torch.Tensor | FourBitWeight]]
 ) -> dict[str, BnbScheme]:
     """Add tensors to the writer; quantized `X.weight` items become Linear4bit's tensor set."""
-    schemes: dict[str, BnbScheme] = {}
-    for name, value in items:
-        if not isinstance(value, FourBitWeight):
-            writer.add(name, value)
-            continue
-        module = name.removesuffix(".weight")
-        for key, tensor in weight_tensors(module, value).items():
-            writer.add(key, tensor)
-        schemes[module] = BnbScheme(value.quant_type, value.blocksize, value.double_quant, value.quant_storage)
-    return schemes
+    return write_items(writer, items, FourBitWeight, weight_tensors, _scheme)
 
 
 def _dtype_name(dtype: torch.dtype | str, names: dict[torch.dtype, str]) -> str:

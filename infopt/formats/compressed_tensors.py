@@ -19,7 +19,7 @@ import torch
 
 from infopt.errors import InfoptError
 from infopt.formats.packing import pack_int32, unpack_int32
-from infopt.formats.safetensors_io import ShardedWriter, load_tensors
+from infopt.formats.safetensors_io import ShardedWriter, load_tensors, write_items
 from infopt.quant.rtn import QuantizedWeight
 from infopt.quant.spec import QuantSpec
 
@@ -77,26 +77,22 @@ def quantization_config(module_specs: dict[str, QuantSpec], ignore: list[str], a
     }
 
 
+def _module_tensors(module: str, value: QuantizedWeight) -> dict[str, torch.Tensor]:
+    if value.g_idx is not None:
+        raise InfoptError(f"{module}: compressed-tensors {LAYOUT_VERSION} has no g_idx; use static groups")
+    bits = value.spec.bits
+    tensors = {f"{module}.weight_packed": pack_int32(value.codes, bits, dim=1), f"{module}.weight_scale": value.scale}
+    if value.zero is not None:
+        tensors[f"{module}.weight_zero_point"] = pack_int32(value.zero, bits, dim=0)
+    tensors[f"{module}.weight_shape"] = torch.tensor(value.shape, dtype=torch.int64)
+    return tensors
+
+
 def write_weights(
     writer: ShardedWriter, items: Iterable[tuple[str, torch.Tensor | QuantizedWeight]]
 ) -> dict[str, QuantSpec]:
     """Add tensors to the writer; quantized `X.weight` items become the packed tensor set."""
-    specs: dict[str, QuantSpec] = {}
-    for name, value in items:
-        if not isinstance(value, QuantizedWeight):
-            writer.add(name, value)
-            continue
-        module = name.removesuffix(".weight")
-        spec = value.spec
-        if value.g_idx is not None:
-            raise InfoptError(f"{module}: compressed-tensors {LAYOUT_VERSION} has no g_idx; use static groups")
-        writer.add(f"{module}.weight_packed", pack_int32(value.codes, spec.bits, dim=1))
-        writer.add(f"{module}.weight_scale", value.scale)
-        if value.zero is not None:
-            writer.add(f"{module}.weight_zero_point", pack_int32(value.zero, spec.bits, dim=0))
-        writer.add(f"{module}.weight_shape", torch.tensor(value.shape, dtype=torch.int64))
-        specs[module] = spec
-    return specs
+    return write_items(writer, items, QuantizedWeight, _module_tensors, lambda value: value.spec)
 
 
 def _spec_from_args(args: dict) -> QuantSpec:

@@ -25,7 +25,7 @@ import torch
 
 from infopt.errors import InfoptError
 from infopt.formats.packing import pack_int32, unpack_int32
-from infopt.formats.safetensors_io import ShardedWriter, load_tensors
+from infopt.formats.safetensors_io import ShardedWriter, load_tensors, write_items
 from infopt.quant.rtn import QuantizedWeight
 from infopt.quant.spec import QuantSpec
 
@@ -130,21 +130,16 @@ def write_weights(
     GPTQ has one spec per checkpoint, so a second distinct spec is an error. With desc_act=False,
     a weight whose g_idx is not the plain j // group_size is an error too: kernels would ignore it.
     """
-    specs: dict[str, QuantSpec] = {}
-    for name, value in items:
-        if not isinstance(value, QuantizedWeight):
-            writer.add(name, value)
-            continue
-        module = name.removesuffix(".weight")
+
+    def module_tensors(module: str, value: QuantizedWeight) -> dict[str, torch.Tensor]:
         _check_module(module, value)
-        first = next(iter(specs.values()), value.spec)
-        if value.spec != first:
-            _raise_mixed({first, value.spec})
         if desc_act is False and _has_act_order(value):
             raise InfoptError(f"{module}: has an act-order g_idx but desc_act is false")
-        for tensor_name, tensor in _gptq_tensors(module, value).items():
-            writer.add(tensor_name, tensor)
-        specs[module] = value.spec
+        return _gptq_tensors(module, value)
+
+    specs = write_items(writer, items, QuantizedWeight, module_tensors, lambda value: value.spec)
+    if len(set(specs.values())) > 1:
+        _raise_mixed(set(specs.values()))
     return specs
 
 

@@ -179,6 +179,24 @@ class ShardedWriter:
         return names + [INDEX_NAME]
 
 
+def write_items(writer: ShardedWriter, items, kind: type, module_tensors, scheme_of) -> dict:
+    """Write every item: tensors as they are, `X.weight` values of `kind` as the format's tensor set.
+
+    `module_tensors(module, value)` gives the format's tensors for one quantized module and
+    `scheme_of(value)` what the format's config records for it; returns module -> scheme.
+    """
+    schemes = {}
+    for name, value in items:
+        if not isinstance(value, kind):
+            writer.add(name, value)
+            continue
+        module = name.removesuffix(".weight")
+        for tensor_name, tensor in module_tensors(module, value).items():
+            writer.add(tensor_name, tensor)
+        schemes[module] = scheme_of(value)
+    return schemes
+
+
 def parse_size(text: str) -> int:
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     upper = text.strip().upper()

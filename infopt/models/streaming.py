@@ -78,15 +78,9 @@ class _Stop(nn.Module):
         raise _StopForward
 
 
-def _get(root: nn.Module, dotted: str):
-    for part in dotted.split("."):
-        root = getattr(root, part)
-    return root
-
-
 def _set(root: nn.Module, dotted: str, value: nn.Module) -> None:
     parent, _, name = dotted.rpartition(".")
-    setattr(_get(root, parent) if parent else root, name, value)
+    setattr(root.get_submodule(parent) if parent else root, name, value)
 
 
 @dataclass
@@ -111,7 +105,7 @@ class LayerStream:
         with torch.device("meta"), no_init_weights():
             self.skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=compute_dtype)
         self.skeleton.eval()
-        self.layers: nn.ModuleList = _get(self.skeleton, self.adapter.layers)
+        self.layers: nn.ModuleList = self.skeleton.get_submodule(self.adapter.layers)
         self.num_layers = len(self.layers)
 
     def layer_prefix(self, index: int) -> str:
@@ -133,21 +127,21 @@ class LayerStream:
         with no_init_weights():
             shallow = AutoModelForCausalLM.from_config(shallow_config, dtype=self.dtype)
         base_name = self.adapter.layers.rpartition(".")[0]
-        base, shallow_base = _get(self.skeleton, base_name), _get(shallow, base_name)
+        base, shallow_base = self.skeleton.get_submodule(base_name), shallow.get_submodule(base_name)
         for name, module in shallow_base.named_children():
             if name != self.adapter.layers.rpartition(".")[2]:
                 setattr(base, name, module.to(self.device))
         embed_name = self.adapter.embed
         weight = self.source.get([f"{embed_name}.weight"])[f"{embed_name}.weight"]
-        _get(self.skeleton, embed_name).weight.data = weight.to(self.device, self.dtype)
+        self.skeleton.get_submodule(embed_name).weight.data = weight.to(self.device, self.dtype)
 
     def capture_inputs(self, windows: torch.Tensor) -> LayerInputs:
         """Run the embeddings on each window; return layer-0 inputs and every layer's call arguments."""
         self._materialize_outside_layers()
         originals = list(self.layers)
         catchers = [_LayerCatcher(i, record_inputs=(i == 0)) for i in range(self.num_layers)]
-        norm = _get(self.skeleton, self.adapter.final_norm)
-        base = _get(self.skeleton, self.adapter.layers.rpartition(".")[0])
+        norm = self.skeleton.get_submodule(self.adapter.final_norm)
+        base = self.skeleton.get_submodule(self.adapter.layers.rpartition(".")[0])
         for i, catcher in enumerate(catchers):
             self.layers[i] = catcher
         _set(self.skeleton, self.adapter.final_norm, _Stop())

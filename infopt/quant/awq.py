@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from infopt.errors import InfoptError
+from infopt.quant.driver import LayerContext, LayerResult
 from infopt.quant.rtn import QuantizedWeight, Storage, compute_qparams, quantize_codes, quantize_rtn
 from infopt.quant.spec import QuantSpec
 
@@ -55,10 +56,6 @@ def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: f
         s = s / w_mean.pow(1 - alpha)
     s = s.clamp(min=1e-4)
     return s / (s.max() * s.min()).sqrt()
-
-
-def _module(root: nn.Module, name: str) -> nn.Module:
-    return dict(root.named_modules())[name]
 
 
 def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, norm_offset: float) -> None:
@@ -107,7 +104,7 @@ class AWQMethod:
     # --- scale search ------------------------------------------------------------------------------
 
     def _search_scale(self, ctx, group, linears: list[nn.Linear], specs: list[QuantSpec]) -> tuple[torch.Tensor, dict]:
-        inspect = _module(ctx.layer, group.inspect)
+        inspect = ctx.layer.get_submodule(group.inspect)
         x = self._inputs(ctx, linears[0])
         x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(0)
         w_mean = None
@@ -185,9 +182,7 @@ class AWQMethod:
 
     # --- the layer ---------------------------------------------------------------------------------
 
-    def quantize_layer(self, ctx):
-        from infopt.quant.driver import LayerResult
-
+    def quantize_layer(self, ctx: LayerContext) -> LayerResult:
         result = LayerResult()
         prefix = f"{self.adapter.layers}.{ctx.index}"
         specs = {lin.name: lin.spec for group in ctx.groups for lin in group}
@@ -199,15 +194,15 @@ class AWQMethod:
                 for name in names:
                     scale_info[name] = {"scale": f"skipped: {reason}"}
                 continue
-            linears = [_module(ctx.layer, rel) for rel in group.linears]
+            linears = [ctx.layer.get_submodule(rel) for rel in group.linears]
             start = time.perf_counter()
             s, info = self._search_scale(ctx, group, linears, [specs[n] for n in names])
-            fold_scale(_module(ctx.layer, group.prev), linears, s, self.adapter.norm_offset)
+            fold_scale(ctx.layer.get_submodule(group.prev), linears, s, self.adapter.norm_offset)
             info["scale_seconds"] = time.perf_counter() - start
             for name in names:
                 scale_info[name] = info
             prev_name = f"{prefix}.{group.prev}"
-            result.dense.update(self._dense_state(ctx, group.prev, prev_name, specs))
+            result.dense.update(self._dense_state(ctx, group.prev, prev_name))
         for rel, reason in self.adapter.unscalable:
             scale_info.setdefault(f"{prefix}.{rel}", {"scale": f"skipped: {reason}"})
         for group in ctx.groups:
@@ -236,11 +231,11 @@ class AWQMethod:
         if prev is None:
             return f"no module {group.prev}"
         width = prev.out_features if isinstance(prev, nn.Linear) else prev.weight.shape[0]
-        if width != _module(ctx.layer, group.linears[0]).in_features:
+        if width != ctx.layer.get_submodule(group.linears[0]).in_features:
             return f"{group.prev} output ({width}) does not map one to one onto the inputs (grouped-query attention)"
         return None
 
     @staticmethod
-    def _dense_state(ctx, rel: str, full: str, specs: dict) -> dict[str, torch.Tensor]:
-        module = _module(ctx.layer, rel)
+    def _dense_state(ctx, rel: str, full: str) -> dict[str, torch.Tensor]:
+        module = ctx.layer.get_submodule(rel)
         return {f"{full}.{k}": v.detach().cpu().clone() for k, v in module.state_dict().items()}

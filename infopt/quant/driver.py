@@ -219,7 +219,8 @@ def run_layers(stream: LayerStream, windows: torch.Tensor, specs: dict[str, Quan
         else:
             result = method.quantize_layer(ctx)
             save_part(part_path(work_dir, index), result)
-        ctx.run(outputs=spare)
+        if index + 1 < stream.num_layers:  # the last layer's outputs feed nothing
+            ctx.run(outputs=spare)
         stream.release_layer(index)
         current, spare = spare, current
         timings.append(time.perf_counter() - layer_start)

@@ -9,11 +9,13 @@ current block is applied once per block as one matrix product.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
 from infopt.errors import InfoptError
+from infopt.quant.driver import LayerContext, LayerResult
 from infopt.quant.rtn import QuantizedWeight, Storage, compute_qparams
 from infopt.quant.spec import QuantSpec
 
@@ -187,11 +189,7 @@ class GPTQMethod:
         self.config = config
         self.storage = storage
 
-    def quantize_layer(self, ctx):
-        import time
-
-        from infopt.quant.driver import LayerResult
-
+    def quantize_layer(self, ctx: LayerContext) -> LayerResult:
         result = LayerResult()
         for group in ctx.groups:
             hessian = Hessian(group[0].module.in_features, ctx.device)

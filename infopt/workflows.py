@@ -422,31 +422,14 @@ def evaluate_checkpoint(model: str | ModelDir, dataset: str, baseline: str | Mod
 def generate_text(model: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                   top_p: float = 1.0, seed: int = 0, allow_pickle: bool = False,
                   on_text: Callable[[str], None] | None = None, trust_remote_code: bool = False,
-                  dtype: torch.dtype = torch.float32) -> dict:
-    from infopt.runtime.generate import generate
+                  dtype: torch.dtype = torch.float32, engine: str = "auto") -> dict:
+    """One prompt through `infopt.runtime.runner` (the infopt engine where it supports the model)."""
+    from infopt.runtime.engine import SamplingParams
+    from infopt.runtime.runner import Prompt, RunOptions, run_prompts
 
-    model_dir = open_model(model, allow_pickle)
-    tokenizer = load_tokenizer(model_dir.path, trust_remote_code)
-    lm = load_causal_lm(model_dir, dtype, trust_remote_code=trust_remote_code)
-    prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids
-    emitted = ""
-    tokens: list[int] = []
-
-    def stream(token: int) -> None:
-        nonlocal emitted
-        tokens.append(token)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if on_text and text.startswith(emitted) and not text.endswith("\ufffd"):
-            on_text(text[len(emitted):])
-            emitted = text
-
-    start = time.perf_counter()
-    out = generate(lm, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed,
-                   tokenizer.eos_token_id, text_config(model_dir.config).get("max_position_embeddings"), stream)
-    seconds = time.perf_counter() - start
-    text = tokenizer.decode(out, skip_special_tokens=True)
-    if on_text and text.startswith(emitted) and len(text) > len(emitted):
-        on_text(text[len(emitted):])
-    return {"prompt": prompt, "text": text, "tokens": out, "new_tokens": len(out), "seconds": seconds,
-            "tokens_per_second": len(out) / seconds if seconds > 0 else None}
+    params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
+    options = RunOptions(params, dtype, engine, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    report = run_prompts(model, [Prompt(prompt)], options, on_text)
+    report.pop("page_map", None)
+    return report
 

@@ -208,34 +208,76 @@ def eval_(
 @app.command()
 def run(
     model: str = typer.Argument(..., help="Model folder (any format infopt writes) or hub id."),
-    prompt: str = typer.Option("", "--prompt", help="Prompt text (empty: start from BOS)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text (empty: start from BOS)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="Many requests: one prompt per line, or JSON lines with \"prompt\" (and \"max_new_tokens\")."),
+    n: int = typer.Option(1, "--n", min=1, help="Samples per prompt; they share the prompt's KV blocks."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
     top_k: int = typer.Option(0, "--top-k", min=0),
     seed: int = typer.Option(0, "--seed"),
+    engine: str = typer.Option("auto", "--engine", help="auto (infopt's runtime where it supports the architecture), infopt, or transformers."),
+    kv_budget_mb: float = typer.Option(512.0, "--kv-budget-mb", min=0.0, help="Memory for the paged KV cache; requests wait (or are preempted and recomputed) when it is full."),
+    block_size: int = typer.Option(16, "--block-size", min=1, help="Tokens per KV block."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most sequences decoded together."),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help="Quantized-linear backend: ext (C++ kernels) or torch; default ext when it builds."),
+    kv_report: bool = typer.Option(False, "--kv-report", help="Print the KV page map at peak use."),
+    kv_report_png: Optional[Path] = typer.Option(None, "--kv-report-png", help="Draw the KV page map at peak use into a PNG."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --kv-report-png file."),
     allow_pickle: bool = ALLOW_PICKLE,
     dtype: str = DTYPE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (tokens, text, timings) instead of streaming text."),
 ) -> None:
-    """Generate text from a checkpoint."""
-    from infopt.workflows import generate_text
+    """Generate text: one prompt (streamed) or a file of prompts, batched continuously over a paged KV cache."""
+    from infopt.runtime.engine import SamplingParams
+    from infopt.runtime.runner import Prompt, RunOptions, read_prompts, run_prompts, write_stream
 
-    def stream(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    if prompt is not None and prompts_file is not None:
+        raise InfoptError("give --prompt or --prompts-file, not both")
+    if kv_report_png is not None and kv_report_png.exists() and not force:
+        raise InfoptError(f"{kv_report_png} already exists; pass --force to replace it")
+    prompts = read_prompts(prompts_file) if prompts_file is not None else [Prompt(prompt or "")]
+    params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, n)
+    options = RunOptions(params, parse_dtype(dtype), engine, kv_budget_mb, block_size, max_batch, kernels,
+                         allow_pickle, trust_remote_code)
+    single = len(prompts) == 1 and n == 1
+    streaming = single and not json_out
+    if streaming:
+        sys.stdout.write(prompts[0].text)
+    report = run_prompts(model, prompts, options, write_stream if streaming else None,
+                         lambda notice: err_console.print(f"note: {notice}", highlight=False))
+    page_map = report.pop("page_map", None)
+    if kv_report_png is not None and page_map is not None:
+        from infopt.runtime.kv_report import write_png
 
-    compute_dtype = parse_dtype(dtype)
-    if not json_out:
-        sys.stdout.write(prompt)
-    result = generate_text(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, allow_pickle,
-                           None if json_out else stream, trust_remote_code, compute_dtype)
+        write_png(page_map, kv_report_png)
     if json_out:
-        print_json(result)
-    else:
+        print_json(report)
+        return
+    if streaming:
         sys.stdout.write("\n")
-        err_console.print(f"{result['new_tokens']} tokens, {result['tokens_per_second']:.1f} tok/s", highlight=False)
+    else:
+        for i, request in enumerate(report["requests"]):
+            for j, sample in enumerate(request["samples"]):
+                out_console.rule(f"request {i}" + (f", sample {j}" if len(request["samples"]) > 1 else ""))
+                sys.stdout.write(request["prompt"] + sample["text"] + "\n")
+    if kv_report and page_map is not None:
+        from infopt.runtime.kv_report import page_table
+
+        out_console.print(page_table(page_map))
+    _print_run_summary(report)
+
+
+def _print_run_summary(report: dict) -> None:
+    timings = report.get("timings")
+    line = f"{report['new_tokens']} tokens in {report['seconds']:.2f} s ({report['engine']} engine"
+    if timings:
+        prefill, decode = timings["prefill_tokens_per_second"], timings["decode_tokens_per_second"]
+        line += (f"; prefill {prefill:.1f} tok/s" if prefill else "") + (f", decode {decode:.1f} tok/s" if decode else "")
+        if timings["preemptions"]:
+            line += f", {timings['preemptions']} preemptions"
+    err_console.print(line + ")", highlight=False)
 
 
 @app.command()

@@ -1,0 +1,93 @@
+"""Attention over the paged cache, through torch's scaled_dot_product_attention.
+
+A step processes, for each sequence, `new` tokens at positions start ... start + new - 1 (a prompt from position
+0, one decode token, or several tokens to verify). Their keys and values are written to the cache first; then
+  - a prompt from position 0 attends to its own keys (SDPA's causal kernel: flash or memory-efficient, no score
+    matrix held),
+  - a step where every sequence adds one token gathers each sequence's blocks into one padded batch,
+  - anything else (tokens appended to a cached context) gathers that sequence's blocks with a causal offset mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class BatchLayout:
+    starts: list[int]  # cached tokens of each sequence before this step
+    new: list[int]  # tokens each sequence adds
+    block_tables: list[list[int]]
+    positions: torch.Tensor  # int64 [tokens]
+    slots: torch.Tensor  # int64 [tokens]: flat cache slot of each token
+    logit_rows: torch.Tensor | None  # which rows get logits (None: all)
+    block_size: int
+
+    @property
+    def all_decode(self) -> bool:
+        return all(n == 1 for n in self.new)
+
+    @classmethod
+    def build(cls, starts: list[int], new: list[int], block_tables: list[list[int]], slots: list[torch.Tensor],
+              block_size: int, all_logits: bool = False) -> BatchLayout:
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, new)])
+        rows = None if all_logits else torch.tensor(new).cumsum(0) - 1
+        return cls(starts, new, block_tables, positions, torch.cat(slots), rows, block_size)
+
+
+def _window_mask(query_pos: torch.Tensor, key_len: int, window: int | None) -> torch.Tensor:
+    """bool [queries, keys]: key j visible to a query at position p when j <= p (and p - j < window)."""
+    keys = torch.arange(key_len)
+    visible = keys.unsqueeze(0) <= query_pos.unsqueeze(1)
+    if window is not None:
+        visible &= (query_pos.unsqueeze(1) - keys.unsqueeze(0)) < window
+    return visible
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayout, cache, layer: int,
+           scale: float, window: int | None) -> torch.Tensor:
+    """Attention output [tokens, heads, head_dim] for flat q [tokens, heads, head_dim] and this step's k, v."""
+    if layout.all_decode and len(layout.new) > 1:
+        return _decode_batch(q, layout, cache, layer, scale, window)
+    outputs, offset = [], 0
+    for start, n, table in zip(layout.starts, layout.new, layout.block_tables):
+        qi = q[offset:offset + n].transpose(0, 1).unsqueeze(0)  # [1, heads, n, dim]
+        if start == 0:
+            ki = k[offset:offset + n].transpose(0, 1).unsqueeze(0)
+            vi = v[offset:offset + n].transpose(0, 1).unsqueeze(0)
+            mask = None if window is None or window >= n else _window_mask(torch.arange(n), n, window)
+        else:
+            length = start + n
+            blocks = torch.tensor(table[: -(-length // layout.block_size)]).unsqueeze(0)
+            ki, vi = cache.gather(layer, blocks)
+            ki, vi = ki[:, :, :length], vi[:, :, :length]
+            mask = _window_mask(torch.arange(start, length), length, window)
+        out = F.scaled_dot_product_attention(qi, ki.to(q.dtype), vi.to(q.dtype), attn_mask=mask,
+                                             is_causal=mask is None and start == 0 and n > 1, scale=scale,
+                                             enable_gqa=qi.shape[1] != ki.shape[1])
+        outputs.append(out[0].transpose(0, 1))
+        offset += n
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _decode_batch(q: torch.Tensor, layout: BatchLayout, cache, layer: int, scale: float,
+                  window: int | None) -> torch.Tensor:
+    """One new token per sequence: gather every sequence's blocks (padded to the longest) and mask the padding."""
+    lengths = torch.tensor([s + 1 for s in layout.starts])
+    width = -(-int(lengths.max()) // layout.block_size)
+    block_ids = torch.zeros(len(lengths), width, dtype=torch.int64)
+    for i, table in enumerate(layout.block_tables):
+        used = table[:width]
+        block_ids[i, : len(used)] = torch.tensor(used)
+    keys, values = cache.gather(layer, block_ids)
+    positions = torch.arange(width * layout.block_size)
+    visible = positions.unsqueeze(0) < lengths.unsqueeze(1)
+    if window is not None:
+        visible &= positions.unsqueeze(0) > (lengths - 1 - window).unsqueeze(1)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.to(q.dtype), values.to(q.dtype),
+                                         attn_mask=visible[:, None, None, :], scale=scale,
+                                         enable_gqa=q.shape[1] != keys.shape[1])
+    return out.squeeze(2)

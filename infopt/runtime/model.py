@@ -1,0 +1,311 @@
+"""A compact decoder for the Llama family (Llama, Mistral, Qwen2, Qwen3) that reads and writes a paged KV cache.
+
+    model = load_engine_model(model_dir, dtype)             # dense or any quantized format infopt reads
+    logits = model(tokens, layout, cache)                   # tokens of many sequences, flattened
+
+Quantized linears stay packed (`QuantLinear`); everything else is plain torch in `dtype`. The numerics follow
+transformers' modules for these architectures (RMSNorm in fp32, rotary tables in fp32 cast to the activation
+dtype), so fp32 logits agree with transformers to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from infopt.errors import InfoptError
+from infopt.models.loading import ModelDir, hf_config_from_dict, load_state_dict, text_config
+from infopt.runtime.attention import BatchLayout, attend
+from infopt.runtime.kv_cache import KVCache
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_eps: float
+    qk_norm: bool  # Qwen3 normalises each query and key head before the rotation
+    sliding_window: int | None
+    max_positions: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelShape:
+        cfg = text_config(config)
+        heads = cfg["num_attention_heads"]
+        window = cfg.get("sliding_window")
+        if cfg.get("model_type") in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+            window = None
+        return cls(cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"], heads,
+                   cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                   cfg["intermediate_size"], cfg.get("rms_norm_eps", 1e-6), cfg.get("model_type") == "qwen3",
+                   window, cfg.get("max_position_embeddings", 2048))
+
+
+def unsupported_reason(config: dict) -> str | None:
+    """Why the compact model cannot run this config (None when it can)."""
+    cfg = text_config(config)
+    if cfg.get("model_type") not in ARCHITECTURES:
+        return f"architecture {cfg.get('model_type')!r} (the compact runtime covers {', '.join(ARCHITECTURES)})"
+    rope = rope_parameters(config)
+    if rope.get("rope_type", "default") not in ROPE_TYPES:
+        return f"rope type {rope.get('rope_type')!r} (supported: {', '.join(ROPE_TYPES)})"
+    if cfg.get("hidden_act", "silu") != "silu":
+        return f"activation {cfg.get('hidden_act')!r}"
+    return None
+
+
+def rope_parameters(config: dict) -> dict:
+    """The rope settings as transformers normalises them (rope_theta folded in; old rope_scaling read too)."""
+    hf = hf_config_from_dict(text_config(config))
+    params = dict(getattr(hf, "rope_parameters", None) or {})
+    params.setdefault("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def rope_frequencies(params: dict, head_dim: int, max_positions: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim/2] and the attention scaling factor for a rope configuration."""
+    base = float(params["rope_theta"])
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = params.get("rope_type", "default")
+    if kind == "linear":  # position interpolation: positions divided by the factor
+        return inv_freq / params["factor"], 1.0
+    if kind == "llama3":
+        return _llama3_frequencies(inv_freq, params), 1.0
+    if kind == "yarn":
+        return _yarn_frequencies(params, dim, base, max_positions)
+    return inv_freq, 1.0
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
+    # Llama 3.1's scaling (Meta's reference implementation): long wavelengths divided by `factor`, short ones kept,
+    # a smooth blend between the low- and high-frequency cut-offs.
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_context = p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(medium, blended, scaled)
+
+
+def _yarn_frequencies(p: dict, dim: int, base: float, max_positions: int) -> tuple[torch.Tensor, float]:
+    # YaRN (Peng et al. 2023, eqs. 17-23): blend interpolated and extrapolated frequencies by rotation count,
+    # and scale attention by 0.1 ln(s) + 1.
+    factor = p["factor"]
+    old_context = p.get("original_max_position_embeddings") or max_positions
+    mscale = p.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+    interpolation = extrapolation / factor
+    keep = 1 - ramp
+    return interpolation * (1 - keep) + extrapolation * keep, mscale
+
+
+class Rotary:
+    """cos/sin tables (fp32, grown on demand) applied as transformers' rotate-half convention."""
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float) -> None:
+        self.inv_freq, self.scaling = inv_freq, scaling
+        self.cos = self.sin = torch.empty(0)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > self.cos.shape[0]:
+            length = max(needed, 2 * self.cos.shape[0], 256)
+            angles = torch.outer(torch.arange(length, dtype=torch.float32), self.inv_freq)
+            angles = torch.cat([angles, angles], dim=-1)
+            self.cos, self.sin = angles.cos() * self.scaling, angles.sin() * self.scaling
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [tokens, heads, head_dim]; cos/sin [tokens, rotary_dim]."""
+    dim = cos.shape[-1]
+    rot, rest = x[..., :dim], x[..., dim:]
+    half = dim // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    out = rot * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+    return torch.cat([out, rest], dim=-1) if rest.numel() else out
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight, self.eps = weight, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class DenseLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, shape: ModelShape, layer: int, linears: dict[str, nn.Module], norms: dict[str, RMSNorm]) -> None:
+        super().__init__()
+        self.shape, self.layer = shape, layer
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (linears[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.q_norm, self.k_norm = norms.get("q_norm"), norms.get("k_norm")
+
+    def forward(self, x: torch.Tensor, layout: BatchLayout, cache: KVCache, rotary: Rotary) -> torch.Tensor:
+        s = self.shape
+        q = self.q_proj(x).view(-1, s.num_heads, s.head_dim)
+        k = self.k_proj(x).view(-1, s.num_kv_heads, s.head_dim)
+        v = self.v_proj(x).view(-1, s.num_kv_heads, s.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rotary.tables(layout.positions, x.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cache.write(self.layer, layout.slots, k, v)
+        out = attend(q, k, v, layout, cache, self.layer, s.head_dim ** -0.5, s.sliding_window)
+        return self.o_proj(out.reshape(-1, s.num_heads * s.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, linears: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = linears["gate_proj"], linears["up_proj"], linears["down_proj"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, attn: Attention, mlp: MLP, input_norm: RMSNorm, post_norm: RMSNorm) -> None:
+        super().__init__()
+        self.self_attn, self.mlp = attn, mlp
+        self.input_layernorm, self.post_attention_layernorm = input_norm, post_norm
+
+    def forward(self, x: torch.Tensor, layout: BatchLayout, cache: KVCache, rotary: Rotary) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), layout, cache, rotary)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class EngineModel(nn.Module):
+    """The decoder: embeddings, layers, final norm, lm_head. Inputs are flat token lists plus a BatchLayout."""
+
+    def __init__(self, shape: ModelShape, embed: torch.Tensor, layers: list[DecoderLayer], norm: RMSNorm,
+                 lm_head: nn.Module, rotary: Rotary, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.shape, self.embed, self.norm, self.lm_head, self.rotary = shape, embed, norm, lm_head, rotary
+        self.layers = nn.ModuleList(layers)
+        self.dtype = dtype
+        self.notes: list[str] = []
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, layout: BatchLayout, cache: KVCache) -> torch.Tensor:
+        """Logits (fp32) at layout.logit_rows of the flat token list."""
+        x = F.embedding(tokens, self.embed)
+        for layer in self.layers:
+            x = layer(x, layout, cache, self.rotary)
+        x = x if layout.logit_rows is None else x[layout.logit_rows]
+        return self.lm_head(self.norm(x)).float()
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every weight the model holds (packed weights counted packed)."""
+        from infopt.runtime.qlinear import QuantLinear
+
+        total = self.embed.numel() * self.embed.element_size()
+        seen = {id(self.embed)}
+        for module in self.modules():
+            if isinstance(module, QuantLinear):
+                total += module.nbytes
+            for tensor in (getattr(module, "weight", None), getattr(module, "bias", None)):
+                if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
+
+def _linear(name: str, state: dict[str, torch.Tensor], quantized: dict, dtype: torch.dtype,
+            backend: str | None) -> nn.Module:
+    from infopt.runtime.qlinear import QuantLinear
+
+    bias = state.pop(f"{name}.bias", None)
+    if f"{name}.weight" in quantized:
+        return QuantLinear.from_quantized(quantized.pop(f"{name}.weight"), bias, backend)
+    if f"{name}.weight" not in state:
+        raise InfoptError(f"checkpoint lacks {name}.weight")
+    weight = state.pop(f"{name}.weight").to(dtype)
+    return DenseLinear(weight, None if bias is None else bias.to(dtype))
+
+
+def build_engine_model(config: dict, state: dict[str, torch.Tensor], quantized: dict,
+                       dtype: torch.dtype = torch.float32, backend: str | None = None) -> EngineModel:
+    """The compact model from a config dict, dense tensors and quantized weights (both consumed)."""
+    reason = unsupported_reason(config)
+    if reason:
+        raise InfoptError(f"the infopt runtime does not support {reason}")
+    shape = ModelShape.from_config(config)
+    prefix = "model.language_model." if "model.language_model.embed_tokens.weight" in state else "model."
+
+    def norm(name: str) -> RMSNorm:
+        return RMSNorm(state.pop(name).to(dtype), shape.rms_eps)
+
+    layers = []
+    for i in range(shape.num_layers):
+        p = f"{prefix}layers.{i}."
+        lin = {n: _linear(p + f"self_attn.{n}", state, quantized, dtype, backend) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        lin |= {n: _linear(p + f"mlp.{n}", state, quantized, dtype, backend) for n in ("gate_proj", "up_proj", "down_proj")}
+        qk = {n: norm(p + f"self_attn.{n}.weight") for n in ("q_norm", "k_norm")} if shape.qk_norm else {}
+        attn = Attention(shape, i, lin, qk)
+        layers.append(DecoderLayer(attn, MLP(lin), norm(p + "input_layernorm.weight"),
+                                   norm(p + "post_attention_layernorm.weight")))
+    embed = state.pop(f"{prefix}embed_tokens.weight").to(dtype)
+    if "lm_head.weight" in state or "lm_head.weight" in quantized:
+        lm_head = _linear("lm_head", state, quantized, dtype, backend)
+    else:  # tied embeddings
+        lm_head = DenseLinear(embed, None)
+    rope = rope_parameters(config)
+    rotary = Rotary(*rope_frequencies(rope, shape.head_dim, shape.max_positions))
+    return EngineModel(shape, embed, layers, norm(f"{prefix}norm.weight"), lm_head, rotary, dtype)
+
+
+def load_engine_model(model_dir: ModelDir, dtype: torch.dtype = torch.float32, backend: str | None = None) -> EngineModel:
+    """The compact model for a checkpoint folder; quantized weights stay packed."""
+    reason = unsupported_reason(model_dir.config)
+    if reason:
+        raise InfoptError(f"the infopt runtime does not support {reason}")
+    if model_dir.quant_method is None:
+        state, quantized = load_state_dict(model_dir), {}
+    else:
+        from infopt.formats.registry import read_quantized
+
+        quantized, state = read_quantized(model_dir.files, model_dir.config)
+        quantized = dict(quantized)
+    return build_engine_model(model_dir.config, dict(state), quantized, dtype, backend)

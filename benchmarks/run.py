@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 THREADS = 2
 TITLES = {"foundation": "RTN and packing (foundation)", "gptq": "GPTQ, AWQ, NF4/FP4 and RTN next to llm-compressor",
-          "kernels": "Quantized matrix-vector kernels (runtime groundwork)"}
+          "kernels": "Quantized matrix-vector kernels (runtime groundwork)",
+          "runtime": "Runtime: decode speed, batching, paged KV cache, prefill memory",
+          "speculative": "Speculative decoding"}
 
 
 def machine() -> str:
@@ -62,6 +64,17 @@ def run_section(name: str, work: Path, repeats: int) -> list[str]:
         import bench_kernels
 
         return bench_kernels.section()
+    if name == "runtime":
+        import bench_runtime
+
+        return bench_runtime.section(_stories(work))
+    if name == "speculative":
+        import bench_runtime
+        import bench_speculative
+        from train_bench_model import ensure_bench_model
+
+        synthetic = bench_runtime.decode_model_dirs()["fp32"]
+        return bench_speculative.section(ensure_bench_model(THREADS), _stories(work), synthetic)
     raise SystemExit(f"unknown section {name!r}: {', '.join(TITLES)}")
 
 

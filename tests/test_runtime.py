@@ -306,3 +306,13 @@ def test_unsupported_architectures_fall_back_to_transformers_with_a_notice(tmp_p
     assert "running it through transformers" in result.stderr and json.loads(result.stdout)["engine"] == "transformers"
     forced = run_cli("run", str(model), "--engine", "infopt")
     assert forced.returncode == 2 and "does not support architecture 'gemma'" in forced.stderr
+
+
+def test_explicit_attention_gives_the_same_logits_as_sdpa(tiny_dirs, monkeypatch):
+    from infopt.runtime import attention
+
+    model = load_engine_model(open_model(str(tiny_dirs["mistral-window"])))
+    ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(3))
+    fused = _stepwise_logits(model, ids, 11)
+    monkeypatch.setattr(attention, "sdpa", attention.explicit_attention)
+    assert _rel(_stepwise_logits(model, ids, 11), fused) < 1e-5

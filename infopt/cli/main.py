@@ -221,6 +221,10 @@ def run(
     block_size: int = typer.Option(16, "--block-size", min=1, help="Tokens per KV block."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most sequences decoded together."),
     kernels: Optional[str] = typer.Option(None, "--kernels", help="Quantized-linear backend: ext (C++ kernels) or torch; default ext when it builds."),
+    draft: Optional[str] = typer.Option(None, "--draft", help="Speculative decoding: a draft model (same tokenizer), self:int4 / self:int8 (the target quantized on the fly), or ngram (prompt lookup)."),
+    num_draft: int = typer.Option(4, "--num-draft", min=1, help="Draft tokens per speculative round (K)."),
+    adaptive_draft: bool = typer.Option(False, "--adaptive-draft", help="Grow K after fully accepted drafts, shrink it after early rejections."),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="With --draft: also decode without the draft and report the speedup."),
     kv_report: bool = typer.Option(False, "--kv-report", help="Print the KV page map at peak use."),
     kv_report_png: Optional[Path] = typer.Option(None, "--kv-report-png", help="Draw the KV page map at peak use into a PNG."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --kv-report-png file."),
@@ -240,7 +244,7 @@ def run(
     prompts = read_prompts(prompts_file) if prompts_file is not None else [Prompt(prompt or "")]
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, n)
     options = RunOptions(params, parse_dtype(dtype), engine, kv_budget_mb, block_size, max_batch, kernels,
-                         allow_pickle, trust_remote_code)
+                         allow_pickle, trust_remote_code, draft, num_draft, adaptive_draft, baseline)
     single = len(prompts) == 1 and n == 1
     streaming = single and not json_out
     if streaming:
@@ -278,6 +282,14 @@ def _print_run_summary(report: dict) -> None:
         if timings["preemptions"]:
             line += f", {timings['preemptions']} preemptions"
     err_console.print(line + ")", highlight=False)
+    spec = report.get("speculative")
+    if spec:
+        line = (f"speculative ({spec['draft']}, K={spec['num_draft']}): acceptance {spec['acceptance_rate'] or 0:.1%}, "
+                f"{spec['tokens_per_target_forward'] or 0:.2f} tokens per target forward")
+        if spec.get("decode_speedup"):
+            line += f", decode {spec['decode_speedup']:.2f}x plain"
+            line += "" if spec["same_tokens_as_plain"] else " (sampled output differs from the plain run's)"
+        err_console.print(line, highlight=False)
 
 
 @app.command()

@@ -16,6 +16,27 @@ import torch
 import torch.nn.functional as F
 
 
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                       is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """softmax(Q K^T * scale + mask) V written out, holding the whole [heads, queries, keys] score matrix.
+
+    The textbook form SDPA replaces; the prefill-memory benchmark swaps it in (`attention.sdpa`) to show the
+    O(N^2) scores that SDPA's kernels never hold.
+    """
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        repeat = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:
+        attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+sdpa = F.scaled_dot_product_attention  # the attention kernel every path calls
+
+
 @dataclass
 class BatchLayout:
     starts: list[int]  # cached tokens of each sequence before this step
@@ -65,7 +86,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayou
             ki, vi = cache.gather(layer, blocks)
             ki, vi = ki[:, :, :length], vi[:, :, :length]
             mask = _window_mask(torch.arange(start, length), length, window)
-        out = F.scaled_dot_product_attention(qi, ki.to(q.dtype), vi.to(q.dtype), attn_mask=mask,
+        out = sdpa(qi, ki.to(q.dtype), vi.to(q.dtype), attn_mask=mask,
                                              is_causal=mask is None and start == 0 and n > 1, scale=scale,
                                              enable_gqa=qi.shape[1] != ki.shape[1])
         outputs.append(out[0].transpose(0, 1))
@@ -87,7 +108,7 @@ def _decode_batch(q: torch.Tensor, layout: BatchLayout, cache, layer: int, scale
     visible = positions.unsqueeze(0) < lengths.unsqueeze(1)
     if window is not None:
         visible &= positions.unsqueeze(0) > (lengths - 1 - window).unsqueeze(1)
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys.to(q.dtype), values.to(q.dtype),
+    out = sdpa(q.unsqueeze(2), keys.to(q.dtype), values.to(q.dtype),
                                          attn_mask=visible[:, None, None, :], scale=scale,
                                          enable_gqa=q.shape[1] != keys.shape[1])
     return out.squeeze(2)

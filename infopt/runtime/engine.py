@@ -230,10 +230,10 @@ class Engine:
         self.timings.decode_tokens += len(seqs)
         self.timings.decode_seconds += time.perf_counter() - start
 
-    def _make_room(self) -> None:
-        """Preempt the latest-admitted sequences until every running one can take its next token."""
+    def _make_room(self, tokens: int = 1) -> None:
+        """Preempt the latest-admitted sequences until every running one can take `tokens` more tokens."""
         while self.running:
-            needed = sum(self.cache.blocks_needed(s.table, 1) for s in self.running)
+            needed = sum(self.cache.blocks_needed(s.table, tokens) for s in self.running)
             if needed <= self.cache.allocator.num_free:
                 return
             if len(self.running) == 1:
@@ -250,7 +250,11 @@ class Engine:
 
     def _append(self, seq: Sequence, logits: torch.Tensor) -> None:
         p = seq.params
-        token = sample_next(logits, p.temperature, p.top_k, p.top_p, seq.generator)
+        self._emit(seq, sample_next(logits, p.temperature, p.top_k, p.top_p, seq.generator))
+
+    def _emit(self, seq: Sequence, token: int) -> None:
+        """Add a token to a sequence, tell the listener, and finish the sequence when it is done."""
+        p = seq.params
         seq.tokens.append(token)
         if self._on_token:
             self._on_token(seq, token)

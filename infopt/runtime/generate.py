@@ -7,11 +7,8 @@ from typing import Callable
 import torch
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator) -> int:
-    """One token id from a [vocab] logit vector; temperature 0 is greedy."""
-    if temperature <= 0:
-        return int(logits.argmax())
+def distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """fp32 probabilities [vocab] after temperature, top-k and top-p (temperature > 0)."""
     logits = logits.float() / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
@@ -23,7 +20,15 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         drop = (sorted_probs.cumsum(0) - sorted_probs) >= top_p
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+    return probs / probs.sum()
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator) -> int:
+    """One token id from a [vocab] logit vector; temperature 0 is greedy."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(distribution(logits, temperature, top_k, top_p), 1, generator=generator))
 
 
 @torch.no_grad()

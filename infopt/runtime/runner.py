@@ -34,6 +34,10 @@ class RunOptions:
     backend: str | None = None  # quantized-linear backend: "ext", "torch", None (ext when it builds)
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    draft: str | None = None  # a model folder / hub id, "self:int4", "self:int8" or "ngram"
+    num_draft: int = 4
+    adaptive_draft: bool = False
+    baseline: bool = True  # with a draft: also decode without it, for the speedup
 
 
 @dataclass
@@ -65,14 +69,48 @@ def read_prompts(path: Path) -> list[Prompt]:
     return prompts
 
 
-def make_engine(model: EngineModel, options: RunOptions, eos_ids: set[int]) -> Engine:
+def make_cache(model: EngineModel, options: RunOptions) -> KVCache:
     s = model.shape
     block = KVCache.block_bytes(s.num_layers, s.num_kv_heads, s.head_dim, model.dtype, options.block_size)
     blocks = int(options.kv_budget_mb * 1e6 // block)
     if blocks < 1:
         raise InfoptError(f"--kv-budget-mb {options.kv_budget_mb} is below one KV block ({block / 1e6:.3f} MB)")
-    cache = KVCache(s.num_layers, blocks, s.num_kv_heads, s.head_dim, model.dtype, options.block_size)
-    return Engine(model, cache, eos_ids, options.max_batch)
+    return KVCache(s.num_layers, blocks, s.num_kv_heads, s.head_dim, model.dtype, options.block_size)
+
+
+def make_engine(model: EngineModel, options: RunOptions, eos_ids: set[int], drafter=None) -> Engine:
+    cache = make_cache(model, options)
+    if drafter is None:
+        return Engine(model, cache, eos_ids, options.max_batch)
+    from infopt.runtime.speculative import SpeculativeEngine
+
+    return SpeculativeEngine(model, cache, drafter, options.num_draft, options.adaptive_draft, eos_ids=eos_ids,
+                             max_batch=options.max_batch)
+
+
+def make_drafter(model_dir: ModelDir, tokenizer, options: RunOptions, target: EngineModel):
+    """The drafter --draft names; a draft model must share the target's tokenizer."""
+    from infopt.runtime.speculative import ModelDrafter, NgramDrafter, draft_cache_for, self_draft
+
+    name = options.draft
+    if name == "ngram":
+        return NgramDrafter()
+    if name.startswith("self:"):
+        draft = self_draft(model_dir, name.removeprefix("self:"), options.dtype, options.backend)
+    else:
+        draft_dir = open_model(name, options.allow_pickle)
+        reason = unsupported_reason(draft_dir.config)
+        if reason:
+            raise InfoptError(f"the draft model cannot run in the infopt runtime: {reason}")
+        if load_tokenizer(draft_dir.path, options.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+            raise InfoptError(f"the draft {name} and the target use different tokenizers; speculative decoding "
+                              "needs the same vocabulary")
+        draft = load_engine_model(draft_dir, options.dtype, options.backend)
+    if draft.shape.vocab_size != target.shape.vocab_size:
+        raise InfoptError(f"the draft's vocabulary ({draft.shape.vocab_size}) differs from the target's "
+                          f"({target.shape.vocab_size})")
+    cache = draft_cache_for(draft, make_cache(target, options), options.max_batch, options.num_draft)
+    return ModelDrafter(draft, cache, name)
 
 
 def eos_ids_of(tokenizer, config: dict) -> set[int]:
@@ -146,20 +184,38 @@ def run_prompts(model: str, prompts: list[Prompt], options: RunOptions,
     if notice and on_notice:
         on_notice(notice)
     tokenizer = load_tokenizer(model_dir.path, options.trust_remote_code)
+    if engine_name == "transformers" and options.draft:
+        raise InfoptError("speculative decoding (--draft) needs the infopt runtime, which does not run this model")
     if engine_name == "transformers":
         return _run_transformers(model_dir, tokenizer, prompts, options, on_text)
     load_start = time.perf_counter()
     lm = load_engine_model(model_dir, options.dtype, options.backend)
     load_seconds = time.perf_counter() - load_start
-    engine = make_engine(lm, options, eos_ids_of(tokenizer, model_dir.config))
+    drafter = make_drafter(model_dir, tokenizer, options, lm) if options.draft else None
+    eos = eos_ids_of(tokenizer, model_dir.config)
     single = len(prompts) == 1 and options.params.n == 1
-    stream = None
-    for prompt in prompts:
-        params = options.params
-        if prompt.max_new_tokens is not None:
-            params = SamplingParams(**{**params.__dict__, "max_new_tokens": int(prompt.max_new_tokens)})
-        ids = _encode(tokenizer, prompt.text)
-        stream = TextStream(tokenizer, on_text, ids) if single and on_text else None
+    requests = [(_encode(tokenizer, p.text), _params_for(p, options.params)) for p in prompts]
+    stream = TextStream(tokenizer, on_text, requests[0][0]) if single and on_text else None
+    engine, finished, seconds = _generate(make_engine(lm, options, eos, drafter), requests, stream)
+    report = _report(model_dir, tokenizer, prompts, finished, engine, seconds, load_seconds)
+    if drafter is not None:
+        report["speculative"] = {"draft": options.draft, "num_draft": options.num_draft,
+                                 "adaptive": options.adaptive_draft, **engine.spec.as_dict()}
+        if options.baseline:
+            plain, plain_finished, plain_seconds = _generate(make_engine(lm, options, eos), requests, None)
+            report["speculative"].update(_speedup(engine, plain, finished, plain_finished, seconds, plain_seconds))
+    return report
+
+
+def _params_for(prompt: Prompt, params: SamplingParams) -> SamplingParams:
+    if prompt.max_new_tokens is None:
+        return params
+    return SamplingParams(**{**params.__dict__, "max_new_tokens": int(prompt.max_new_tokens)})
+
+
+def _generate(engine: Engine, requests: list[tuple[list[int], SamplingParams]],
+              stream: TextStream | None) -> tuple[Engine, list[Sequence], float]:
+    for ids, params in requests:
         try:
             engine.submit(ids, params)
         except ValueError as exc:
@@ -169,7 +225,19 @@ def run_prompts(model: str, prompts: list[Prompt], options: RunOptions,
     seconds = time.perf_counter() - start
     if stream:
         stream.flush()
-    return _report(model_dir, tokenizer, prompts, finished, engine, seconds, load_seconds)
+    return engine, finished, seconds
+
+
+def _speedup(spec: Engine, plain: Engine, finished: list[Sequence], plain_finished: list[Sequence],
+             seconds: float, plain_seconds: float) -> dict:
+    def decode_rate(engine: Engine) -> float | None:
+        return engine.timings.as_dict()["decode_tokens_per_second"]
+
+    spec_rate, plain_rate = decode_rate(spec), decode_rate(plain)
+    return {"plain_seconds": plain_seconds, "plain_decode_tokens_per_second": plain_rate,
+            "decode_speedup": spec_rate / plain_rate if spec_rate and plain_rate else None,
+            "end_to_end_speedup": plain_seconds / seconds if seconds > 0 else None,
+            "same_tokens_as_plain": [s.tokens for s in finished] == [s.tokens for s in plain_finished]}
 
 
 def _report(model_dir: ModelDir, tokenizer, prompts: list[Prompt], finished: list[Sequence], engine: Engine,

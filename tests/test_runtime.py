@@ -316,3 +316,43 @@ def test_explicit_attention_gives_the_same_logits_as_sdpa(tiny_dirs, monkeypatch
     fused = _stepwise_logits(model, ids, 11)
     monkeypatch.setattr(attention, "sdpa", attention.explicit_attention)
     assert _rel(_stepwise_logits(model, ids, 11), fused) < 1e-5
+
+
+def _cuda_ready() -> bool:
+    from infopt.runtime.kernels import triton_int4
+
+    return torch.cuda.is_available() and triton_int4.available()
+
+
+@pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA GPU with Triton (none here; run on a GPU machine)")
+@pytest.mark.parametrize("name", ["ct-int4-g128-asym", "ct-int8-channel", "gptq-act-order", "awq-gemm", "bnb-nf4"])
+def test_cuda_runtime_with_triton_kernels_matches_the_dequantized_model(quantized_dirs, name):
+    model_dir = open_model(str(quantized_dirs[name]))
+    reference = load_causal_lm(model_dir)
+    ids = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = reference(ids[None]).logits[0]
+    model = load_engine_model(model_dir, device="cuda")
+    s = model.shape
+    cache = KVCache(s.num_layers, 64, s.num_kv_heads, s.head_dim, torch.float32, 4, device="cuda")
+    table = BlockTable()
+    rows = []
+    for start, n in [(0, 9)] + [(i, 1) for i in range(9, 20)]:
+        slots = cache.reserve(table, n)
+        layout = BatchLayout.build([start], [n], [table.blocks], [slots], 4, all_logits=True)
+        rows.append(model(ids[start:start + n], layout, cache))
+    assert _rel(torch.cat(rows), want) < 2e-3
+
+
+@pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA GPU with Triton (none here; run on a GPU machine)")
+def test_cuda_engine_greedy_tokens_equal_the_cpu_engine(stories_hf):
+    model_dir = open_model(str(stories_hf))
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = load_engine_model(model_dir, device=device)
+        s = model.shape
+        engine = Engine(model, KVCache(s.num_layers, 64, s.num_kv_heads, s.head_dim, torch.float32, 16, device))
+        for prompt in ([1], [1, 300, 301, 302]):
+            engine.submit(prompt, SamplingParams(max_new_tokens=50))
+        results[device] = [seq.tokens for seq in engine.run()]
+    assert results["cuda"] == results["cpu"]

@@ -48,6 +48,8 @@ INTERPRETER_CASES = [
 ]
 CASES = GPU_CASES if ON_GPU else INTERPRETER_CASES
 TOKENS = [1, 3, 16, 64, 300] if ON_GPU else [1, 3, 20]
+# fp32 x, by scale dtype: fp32 summation order only; fp16/bf16: the reference rounds each weight to that dtype
+TOL_FP32_X = {F32: 1e-4, F16: 1e-3, BF16: 5e-3}
 LAYOUT_CASES = INTERPRETER_CASES + [(100, 512, 4, 64, False, True, F16), (64, 256, 8, -1, False, False, BF16)]
 
 
@@ -133,9 +135,7 @@ def test_matmul_fp32(case, tokens, kernel):
     x = torch.randn(tokens, packed.in_features, generator=torch.Generator().manual_seed(tokens)).to(DEVICE)
     y = ti.matmul(x, packed, kernel=kernel)
     assert y.shape == (tokens, packed.out_features) and y.dtype == F32
-    # fp32 scales: fp32 summation order only; fp16/bf16 scales: the reference rounds each weight to them
-    tol = {F32: 1e-4, F16: 1e-3, BF16: 5e-3}[case[-1]]
-    assert _rel_err(y, x @ ref_w.T) < tol
+    assert _rel_err(y, x @ ref_w.T) < TOL_FP32_X[case[-1]]
 
 
 @needs_triton
@@ -152,6 +152,21 @@ def test_matmul_half(case, tokens, dtype):
     assert y.dtype == dtype
     # the gemm rounds weights to x's dtype; both round the output to it
     assert _rel_err(y, x.float() @ ref_w.T) < (2e-3 if dtype == F16 else 1.5e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("kernel, config", [
+    ("gemv", {"block_k4": 256, "block_k8": 256, "block_n": 32, "waves": 8}),  # K blocks spanning groups
+    ("gemv", {"block_k4": 16, "block_k8": 16, "block_n": 128, "waves": 1}),
+    ("gemm", {"block_k": 128, "block_k_fp32": 128, "block_n": 32, "waves": 8}),
+    ("gemm", {"block_k": 16, "block_k_fp32": 16, "block_n": 128, "waves": 1}),
+])
+@pytest.mark.parametrize("case", CASES[:8], ids=_ids)
+def test_matmul_configs(case, kernel, config):
+    packed, ref_w = _packed(case)
+    x = torch.randn(5, packed.in_features, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    y = (ti.gemv if kernel == "gemv" else ti.gemm)(x, packed, config).to(x.dtype)
+    assert _rel_err(y, x @ ref_w.T) < TOL_FP32_X[case[-1]]
 
 
 @needs_triton

@@ -220,6 +220,7 @@ def run(
     kv_budget_mb: float = typer.Option(512.0, "--kv-budget-mb", min=0.0, help="Memory for the paged KV cache; requests wait (or are preempted and recomputed) when it is full."),
     block_size: int = typer.Option(16, "--block-size", min=1, help="Tokens per KV block."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most sequences decoded together."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto: on CUDA the runtime uses the Triton int4/int8 kernels."),
     kernels: Optional[str] = typer.Option(None, "--kernels", help="Quantized-linear backend: ext (C++ kernels) or torch; default ext when it builds."),
     draft: Optional[str] = typer.Option(None, "--draft", help="Speculative decoding: a draft model (same tokenizer), self:int4 / self:int8 (the target quantized on the fly), or ngram (prompt lookup)."),
     num_draft: int = typer.Option(4, "--num-draft", min=1, help="Draft tokens per speculative round (K)."),
@@ -244,7 +245,7 @@ def run(
     prompts = read_prompts(prompts_file) if prompts_file is not None else [Prompt(prompt or "")]
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, n)
     options = RunOptions(params, parse_dtype(dtype), engine, kv_budget_mb, block_size, max_batch, kernels,
-                         allow_pickle, trust_remote_code, draft, num_draft, adaptive_draft, baseline)
+                         allow_pickle, trust_remote_code, draft, num_draft, adaptive_draft, baseline, device)
     single = len(prompts) == 1 and n == 1
     streaming = single and not json_out
     if streaming:

@@ -215,7 +215,7 @@ class AWQMethod:
                 ctx.set_quantized(linear, q)
                 result.quantized[linear.name] = q
                 info = dict(scale_info.get(linear.name, {"scale": "skipped: not in a scale group"}))
-                info.update({"output_error": self._output_error(weight, q.dequantize(), x), "clipped": clip,
+                info.update({"output_error": self._output_error(weight, q.dequantize().to(weight.device), x), "clipped": clip,
                              "seconds": time.perf_counter() - start})
                 result.info[linear.name] = info
         # scaled norms, and scaled upstream linears' biases (their weights are in the quantized result)

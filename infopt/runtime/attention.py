@@ -51,6 +51,11 @@ class BatchLayout:
     def all_decode(self) -> bool:
         return all(n == 1 for n in self.new)
 
+    def to(self, device: torch.device) -> BatchLayout:
+        rows = None if self.logit_rows is None else self.logit_rows.to(device)
+        return BatchLayout(self.starts, self.new, self.block_tables, self.positions.to(device),
+                           self.slots.to(device), rows, self.block_size)
+
     @classmethod
     def build(cls, starts: list[int], new: list[int], block_tables: list[list[int]], slots: list[torch.Tensor],
               block_size: int, all_logits: bool = False) -> BatchLayout:
@@ -61,7 +66,7 @@ class BatchLayout:
 
 def _window_mask(query_pos: torch.Tensor, key_len: int, window: int | None) -> torch.Tensor:
     """bool [queries, keys]: key j visible to a query at position p when j <= p (and p - j < window)."""
-    keys = torch.arange(key_len)
+    keys = torch.arange(key_len, device=query_pos.device)
     visible = keys.unsqueeze(0) <= query_pos.unsqueeze(1)
     if window is not None:
         visible &= (query_pos.unsqueeze(1) - keys.unsqueeze(0)) < window
@@ -79,13 +84,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayou
         if start == 0:
             ki = k[offset:offset + n].transpose(0, 1).unsqueeze(0)
             vi = v[offset:offset + n].transpose(0, 1).unsqueeze(0)
-            mask = None if window is None or window >= n else _window_mask(torch.arange(n), n, window)
+            mask = None if window is None or window >= n else _window_mask(torch.arange(n, device=q.device), n, window)
         else:
             length = start + n
-            blocks = torch.tensor(table[: -(-length // layout.block_size)]).unsqueeze(0)
+            blocks = torch.tensor(table[: -(-length // layout.block_size)], device=q.device).unsqueeze(0)
             ki, vi = cache.gather(layer, blocks)
             ki, vi = ki[:, :, :length], vi[:, :, :length]
-            mask = _window_mask(torch.arange(start, length), length, window)
+            mask = _window_mask(torch.arange(start, length, device=q.device), length, window)
         out = sdpa(qi, ki.to(q.dtype), vi.to(q.dtype), attn_mask=mask,
                                              is_causal=mask is None and start == 0 and n > 1, scale=scale,
                                              enable_gqa=qi.shape[1] != ki.shape[1])
@@ -97,14 +102,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayou
 def _decode_batch(q: torch.Tensor, layout: BatchLayout, cache, layer: int, scale: float,
                   window: int | None) -> torch.Tensor:
     """One new token per sequence: gather every sequence's blocks (padded to the longest) and mask the padding."""
-    lengths = torch.tensor([s + 1 for s in layout.starts])
-    width = -(-int(lengths.max()) // layout.block_size)
-    block_ids = torch.zeros(len(lengths), width, dtype=torch.int64)
-    for i, table in enumerate(layout.block_tables):
-        used = table[:width]
-        block_ids[i, : len(used)] = torch.tensor(used)
+    width = -(-(max(layout.starts) + 1) // layout.block_size)
+    block_ids = torch.tensor([(table[:width] + [0] * width)[:width] for table in layout.block_tables],
+                             dtype=torch.int64, device=q.device)
+    lengths = torch.tensor([s + 1 for s in layout.starts], device=q.device)
     keys, values = cache.gather(layer, block_ids)
-    positions = torch.arange(width * layout.block_size)
+    positions = torch.arange(width * layout.block_size, device=q.device)
     visible = positions.unsqueeze(0) < lengths.unsqueeze(1)
     if window is not None:
         visible &= positions.unsqueeze(0) > (lengths - 1 - window).unsqueeze(1)

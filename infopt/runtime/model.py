@@ -133,6 +133,7 @@ class Rotary:
     def __init__(self, inv_freq: torch.Tensor, scaling: float) -> None:
         self.inv_freq, self.scaling = inv_freq, scaling
         self.cos = self.sin = torch.empty(0)
+        self.device = torch.device("cpu")
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         needed = int(positions.max()) + 1 if positions.numel() else 0
@@ -140,7 +141,8 @@ class Rotary:
             length = max(needed, 2 * self.cos.shape[0], 256)
             angles = torch.outer(torch.arange(length, dtype=torch.float32), self.inv_freq)
             angles = torch.cat([angles, angles], dim=-1)
-            self.cos, self.sin = angles.cos() * self.scaling, angles.sin() * self.scaling
+            self.cos = (angles.cos() * self.scaling).to(self.device)
+            self.sin = (angles.sin() * self.scaling).to(self.device)
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
@@ -226,14 +228,37 @@ class EngineModel(nn.Module):
         self.dtype = dtype
         self.notes: list[str] = []
 
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def to_device(self, device: str | torch.device) -> EngineModel:
+        """Move every dense tensor to `device` (tensors shared between modules stay shared)."""
+        moved: dict[int, torch.Tensor] = {}
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return moved.setdefault(id(t), t.to(device))
+
+        self.embed = move(self.embed)
+        for module in self.modules():
+            for name in ("weight", "bias"):
+                tensor = module.__dict__.get(name)
+                if isinstance(tensor, torch.Tensor):
+                    module.__dict__[name] = move(tensor)
+        self.rotary.device = torch.device(device)
+        self.rotary.cos = self.rotary.sin = torch.empty(0)
+        return self
+
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, layout: BatchLayout, cache: KVCache) -> torch.Tensor:
-        """Logits (fp32) at layout.logit_rows of the flat token list."""
+        """Logits (fp32, on the CPU, where sampling happens) at layout.logit_rows of the flat token list."""
+        if self.device.type != "cpu":
+            tokens, layout = tokens.to(self.device), layout.to(self.device)
         x = F.embedding(tokens, self.embed)
         for layer in self.layers:
             x = layer(x, layout, cache, self.rotary)
         x = x if layout.logit_rows is None else x[layout.logit_rows]
-        return self.lm_head(self.norm(x)).float()
+        return self.lm_head(self.norm(x)).float().cpu()
 
     @property
     def weight_bytes(self) -> int:
@@ -253,12 +278,12 @@ class EngineModel(nn.Module):
 
 
 def _linear(name: str, state: dict[str, torch.Tensor], quantized: dict, dtype: torch.dtype,
-            backend: str | None) -> nn.Module:
+            backend: str | None, device: str = "cpu") -> nn.Module:
     from infopt.runtime.qlinear import QuantLinear
 
     bias = state.pop(f"{name}.bias", None)
     if f"{name}.weight" in quantized:
-        return QuantLinear.from_quantized(quantized.pop(f"{name}.weight"), bias, backend)
+        return QuantLinear.from_quantized(quantized.pop(f"{name}.weight"), bias, backend, device=device)
     if f"{name}.weight" not in state:
         raise InfoptError(f"checkpoint lacks {name}.weight")
     weight = state.pop(f"{name}.weight").to(dtype)
@@ -266,8 +291,14 @@ def _linear(name: str, state: dict[str, torch.Tensor], quantized: dict, dtype: t
 
 
 def build_engine_model(config: dict, state: dict[str, torch.Tensor], quantized: dict,
-                       dtype: torch.dtype = torch.float32, backend: str | None = None) -> EngineModel:
-    """The compact model from a config dict, dense tensors and quantized weights (both consumed)."""
+                       dtype: torch.dtype = torch.float32, backend: str | None = None,
+                       device: str = "cpu") -> EngineModel:
+    """The compact model from a config dict, dense tensors and quantized weights (both consumed).
+
+    On a CUDA device quantized weights use the Triton kernels (backend "triton") and dense ones move there.
+    """
+    if device != "cpu":
+        backend = "triton"
     reason = unsupported_reason(config)
     if reason:
         raise InfoptError(f"the infopt runtime does not support {reason}")
@@ -280,23 +311,27 @@ def build_engine_model(config: dict, state: dict[str, torch.Tensor], quantized: 
     layers = []
     for i in range(shape.num_layers):
         p = f"{prefix}layers.{i}."
-        lin = {n: _linear(p + f"self_attn.{n}", state, quantized, dtype, backend) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        lin |= {n: _linear(p + f"mlp.{n}", state, quantized, dtype, backend) for n in ("gate_proj", "up_proj", "down_proj")}
+        lin = {n: _linear(p + f"self_attn.{n}", state, quantized, dtype, backend, device)
+               for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        lin |= {n: _linear(p + f"mlp.{n}", state, quantized, dtype, backend, device)
+                for n in ("gate_proj", "up_proj", "down_proj")}
         qk = {n: norm(p + f"self_attn.{n}.weight") for n in ("q_norm", "k_norm")} if shape.qk_norm else {}
         attn = Attention(shape, i, lin, qk)
         layers.append(DecoderLayer(attn, MLP(lin), norm(p + "input_layernorm.weight"),
                                    norm(p + "post_attention_layernorm.weight")))
     embed = state.pop(f"{prefix}embed_tokens.weight").to(dtype)
     if "lm_head.weight" in state or "lm_head.weight" in quantized:
-        lm_head = _linear("lm_head", state, quantized, dtype, backend)
+        lm_head = _linear("lm_head", state, quantized, dtype, backend, device)
     else:  # tied embeddings
         lm_head = DenseLinear(embed, None)
     rope = rope_parameters(config)
     rotary = Rotary(*rope_frequencies(rope, shape.head_dim, shape.max_positions))
-    return EngineModel(shape, embed, layers, norm(f"{prefix}norm.weight"), lm_head, rotary, dtype)
+    model = EngineModel(shape, embed, layers, norm(f"{prefix}norm.weight"), lm_head, rotary, dtype)
+    return model.to_device(device) if device != "cpu" else model
 
 
-def load_engine_model(model_dir: ModelDir, dtype: torch.dtype = torch.float32, backend: str | None = None) -> EngineModel:
+def load_engine_model(model_dir: ModelDir, dtype: torch.dtype = torch.float32, backend: str | None = None,
+                      device: str = "cpu") -> EngineModel:
     """The compact model for a checkpoint folder; quantized weights stay packed."""
     reason = unsupported_reason(model_dir.config)
     if reason:
@@ -308,4 +343,4 @@ def load_engine_model(model_dir: ModelDir, dtype: torch.dtype = torch.float32, b
 
         quantized, state = read_quantized(model_dir.files, model_dir.config)
         quantized = dict(quantized)
-    return build_engine_model(model_dir.config, dict(state), quantized, dtype, backend)
+    return build_engine_model(model_dir.config, dict(state), quantized, dtype, backend, device)

@@ -8,6 +8,8 @@ QuantizedWeight.dequantize()), returned in x's dtype. Backends:
   "ext":   the C++ kernels on the packed weight (infopt.runtime.kernels);
   "torch": plain torch. By default the weight is dequantized to fp32 once at load (4 bytes a weight, fastest
            fallback); lean=True keeps it packed and dequantizes tile by tile on every call instead.
+  "triton": on a CUDA device, the Triton int4/int8 kernels (infopt.runtime.kernels.triton_int4) on a GPU layout;
+           NF4/FP4 weights get a dense copy on the GPU instead.
 A weight the packed layouts cannot hold (irregular act-order groups, group widths the kernels skip) always gets
 the dense torch path; `note` says why.
 """
@@ -25,17 +27,19 @@ from infopt.quant.rtn import QuantizedWeight
 from infopt.runtime import kernels
 from infopt.runtime.kernels import PackedWeight, Unpackable
 
-BACKENDS = ("ext", "torch")
+BACKENDS = ("ext", "torch", "triton")
 
 
 class QuantLinear(nn.Module):
     """y = x @ w.T + bias for a quantized w; x of any leading shape [..., in_features]."""
 
     def __init__(self, in_features: int, out_features: int, backend: str, packed: PackedWeight | None = None,
-                 dense: torch.Tensor | None = None, bias: torch.Tensor | None = None, note: str = "") -> None:
+                 dense: torch.Tensor | None = None, bias: torch.Tensor | None = None, note: str = "",
+                 gpu=None) -> None:
         super().__init__()
-        if (packed is None) == (dense is None):
-            raise ValueError("QuantLinear needs exactly one of a packed or a dense weight")
+        if sum(w is not None for w in (packed, dense, gpu)) != 1:
+            raise ValueError("QuantLinear needs exactly one of a packed, a GPU-packed or a dense weight")
+        self.gpu = gpu
         self.in_features, self.out_features = in_features, out_features
         self.backend = backend
         # Plain attributes, not buffers: Module.to(dtype) must not cast the fp32 scales, tables or bias.
@@ -46,7 +50,7 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, weight: QuantizedWeight | FourBitWeight, bias: torch.Tensor | None = None,
-                       backend: str | None = None, lean: bool = False) -> QuantLinear:
+                       backend: str | None = None, lean: bool = False, device: str = "cuda") -> QuantLinear:
         """Pack `weight` for `backend` ("ext", "torch", or None: "ext" when the extension is available)."""
         if backend not in (None, *BACKENDS):
             raise InfoptError(f"invalid backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -57,6 +61,8 @@ class QuantLinear(nn.Module):
             note = "" if backend == "ext" else f"extension unavailable: {kernels.reason()}"
         elif backend == "ext" and not kernels.available():
             raise InfoptError(f"the infopt kernels are unavailable: {kernels.reason()}")
+        elif backend == "triton":
+            return cls._for_gpu(weight, bias, device)
         try:
             packed = kernels.pack(weight)
         except Unpackable as exc:
@@ -66,16 +72,38 @@ class QuantLinear(nn.Module):
             return cls(in_f, out_f, backend, dense=kernels.dense_weight(packed), bias=bias, note=note)
         return cls(in_f, out_f, backend, packed=packed, bias=bias, note=note)
 
+    @classmethod
+    def _for_gpu(cls, weight: QuantizedWeight | FourBitWeight, bias: torch.Tensor | None, device: str) -> QuantLinear:
+        from infopt.runtime.kernels import triton_int4
+
+        if not triton_int4.available():
+            raise InfoptError(f"the Triton kernels are unavailable: {triton_int4.reason()}")
+        out_f, in_f = weight.shape
+        bias = None if bias is None else bias.detach().float().to(device)
+        try:
+            if not isinstance(weight, QuantizedWeight):
+                raise ValueError("NF4/FP4 weights have no Triton kernel")
+            return cls(in_f, out_f, "triton", bias=bias, gpu=triton_int4.pack(weight, device))
+        except ValueError as exc:
+            dense = kernels.dequantize_fp32(weight).to(device=device, dtype=torch.float16)
+            return cls(in_f, out_f, "triton", dense=dense, bias=bias, note=f"dense on the GPU: {exc}")
+
     @property
     def nbytes(self) -> int:
-        """Bytes held for the weight (packed data, scales, zero points; or the dense fp32 copy)."""
+        """Bytes held for the weight (packed data, scales, zero points; or the dense copy)."""
+        if self.gpu is not None:
+            return self.gpu.nbytes
         return self.packed.nbytes if self.packed is not None else self.dense.numel() * self.dense.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.dense is not None:
-            y = torch.nn.functional.linear(x2.float(), self.dense)
+        if self.gpu is not None:
+            from infopt.runtime.kernels import triton_int4
+
+            y = triton_int4.matmul(x2, self.gpu).float()
+        elif self.dense is not None:
+            y = torch.nn.functional.linear(x2.to(self.dense.dtype), self.dense).float()
         else:
             y = kernels.matmul(x2, self.packed, self.backend)
         if self.bias is not None:
@@ -83,7 +111,10 @@ class QuantLinear(nn.Module):
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        layout = f"{self.packed.kind}, group {self.packed.group_size}" if self.packed is not None else "dense fp32"
+        if self.gpu is not None:
+            layout = f"triton int{self.gpu.bits}, group {self.gpu.group_size}"
+        else:
+            layout = f"{self.packed.kind}, group {self.packed.group_size}" if self.packed is not None else "dense"
         return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}, {layout}"
 
 

@@ -38,6 +38,7 @@ class RunOptions:
     num_draft: int = 4
     adaptive_draft: bool = False
     baseline: bool = True  # with a draft: also decode without it, for the speedup
+    device: str = "cpu"  # "auto", "cpu" or "cuda" (quantized linears through the Triton kernels there)
 
 
 @dataclass
@@ -75,7 +76,7 @@ def make_cache(model: EngineModel, options: RunOptions) -> KVCache:
     blocks = int(options.kv_budget_mb * 1e6 // block)
     if blocks < 1:
         raise InfoptError(f"--kv-budget-mb {options.kv_budget_mb} is below one KV block ({block / 1e6:.3f} MB)")
-    return KVCache(s.num_layers, blocks, s.num_kv_heads, s.head_dim, model.dtype, options.block_size)
+    return KVCache(s.num_layers, blocks, s.num_kv_heads, s.head_dim, model.dtype, options.block_size, model.device)
 
 
 def make_engine(model: EngineModel, options: RunOptions, eos_ids: set[int], drafter=None) -> Engine:
@@ -96,7 +97,7 @@ def make_drafter(model_dir: ModelDir, tokenizer, options: RunOptions, target: En
     if name == "ngram":
         return NgramDrafter()
     if name.startswith("self:"):
-        draft = self_draft(model_dir, name.removeprefix("self:"), options.dtype, options.backend)
+        draft = self_draft(model_dir, name.removeprefix("self:"), options.dtype, options.backend, target.device.type)
     else:
         draft_dir = open_model(name, options.allow_pickle)
         reason = unsupported_reason(draft_dir.config)
@@ -105,7 +106,7 @@ def make_drafter(model_dir: ModelDir, tokenizer, options: RunOptions, target: En
         if load_tokenizer(draft_dir.path, options.trust_remote_code).get_vocab() != tokenizer.get_vocab():
             raise InfoptError(f"the draft {name} and the target use different tokenizers; speculative decoding "
                               "needs the same vocabulary")
-        draft = load_engine_model(draft_dir, options.dtype, options.backend)
+        draft = load_engine_model(draft_dir, options.dtype, options.backend, target.device.type)
     if draft.shape.vocab_size != target.shape.vocab_size:
         raise InfoptError(f"the draft's vocabulary ({draft.shape.vocab_size}) differs from the target's "
                           f"({target.shape.vocab_size})")
@@ -189,7 +190,9 @@ def run_prompts(model: str, prompts: list[Prompt], options: RunOptions,
     if engine_name == "transformers":
         return _run_transformers(model_dir, tokenizer, prompts, options, on_text)
     load_start = time.perf_counter()
-    lm = load_engine_model(model_dir, options.dtype, options.backend)
+    from infopt.workflows import resolve_device
+
+    lm = load_engine_model(model_dir, options.dtype, options.backend, resolve_device(options.device))
     load_seconds = time.perf_counter() - load_start
     drafter = make_drafter(model_dir, tokenizer, options, lm) if options.draft else None
     eos = eos_ids_of(tokenizer, model_dir.config)

@@ -242,7 +242,8 @@ class SpeculativeEngine(Engine):
         super()._finish(seq, reason)
 
 
-def self_draft(model_dir, spec_name: str, dtype: torch.dtype, backend: str | None = None) -> EngineModel:
+def self_draft(model_dir, spec_name: str, dtype: torch.dtype, backend: str | None = None,
+               device: str = "cpu") -> EngineModel:
     """The target quantized on the fly with RTN ("int4": 4-bit group 128 symmetric, per channel where 128 does not
     divide the input; "int8": per channel)."""
     from infopt.errors import InfoptError
@@ -266,14 +267,14 @@ def self_draft(model_dir, spec_name: str, dtype: torch.dtype, backend: str | Non
         if weight is not None:
             fitted = spec if spec.fits(weight.shape[1]) else QuantSpec(spec.bits, -1, True)
             quantized[f"{name}.weight"] = quantize_rtn(state.pop(f"{name}.weight"), fitted)
-    return build_engine_model(model_dir.config, state, quantized, dtype, backend)
+    return build_engine_model(model_dir.config, state, quantized, dtype, backend, device)
 
 
 def draft_cache_for(draft: EngineModel, target_cache: KVCache, max_batch: int, num_draft: int) -> KVCache:
     """A draft cache holding as many tokens as the target's, plus room for the drafts in flight."""
     s, bs = draft.shape, target_cache.block_size
     blocks = target_cache.num_blocks + max_batch * (-(-num_draft // bs) + 1)
-    return KVCache(s.num_layers, blocks, s.num_kv_heads, s.head_dim, draft.dtype, bs)
+    return KVCache(s.num_layers, blocks, s.num_kv_heads, s.head_dim, draft.dtype, bs, draft.device)
 
 
 __all__ = ["ModelDrafter", "NgramDrafter", "OutOfBlocks", "SpeculativeEngine", "draft_cache_for", "self_draft", "verify"]

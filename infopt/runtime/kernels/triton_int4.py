@@ -14,12 +14,14 @@ Layout (GpuPackedWeight), chosen so that a warp's loads run along the output dim
   stored column multiplies; the kernels gather x through it.
 
 Kernels (matmul picks by token count; kernel= forces one):
-  gemv: tokens <= GEMV_MAX_TOKENS. One program per (BLOCK_N output rows, K split, token) streams its K range of
-        the packed weight, unpacks and dequantizes it in registers and accumulates x * w in an fp32 tile that is
-        reduced once at the end; the partial sums of a split K meet through fp32 atomic adds.
-  gemm: more tokens. Tiles of x [BLOCK_M, BLOCK_K] against weight tiles [BLOCK_K, BLOCK_N] dequantized to x's dtype
-        through tl.dot with an fp32 accumulator (fp32 inputs use input_precision="ieee": no TF32 rounding).
-Both form each weight as (q - z) * s in fp32; with fp16/bf16 inputs the gemm rounds it to x's dtype first.
+  gemv: tokens <= GEMV_MAX_TOKENS (decoding). One program per (BLOCK_N output rows, K split, token) streams its K
+        range of the packed weight, unpacks and dequantizes it in registers and accumulates x * w in an fp32 tile
+        that is reduced once at the end; the partial sums of a split K meet through fp32 atomic adds.
+  gemm: more tokens; with BLOCK_M = 16 tiles split along K it is also the small-batch path. Tiles of x
+        [BLOCK_M, BLOCK_K] meet weight tiles [BLOCK_K, BLOCK_N] dequantized to x's dtype in tl.dot with an fp32
+        accumulator (fp32 inputs use input_precision="ieee": no TF32 rounding).
+Both form each weight as (q - z) * s in fp32 (the gemm then rounds it to x's dtype for fp16/bf16 x). A K block may
+span several groups (then scales and zeros are loaded per row of the block) or lie inside one (one row of them).
 
 CPU interpreter: set INFOPT_TRITON_INTERPRET=1 before importing this module. It turns on Triton's interpreter
 (TRITON_INTERPRET=1, which runs kernels with numpy) and lets available() say yes without a GPU; pack(...,
@@ -28,6 +30,7 @@ device="cpu") then keeps the tensors on the CPU. The interpreter is slow: small 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -48,7 +51,9 @@ except Exception as exc:  # noqa: BLE001 -- optional dependency: any import fail
 else:
     _IMPORT_ERROR = ""
 
-GEMV_MAX_TOKENS = 8  # above this many tokens matmul uses the tl.dot kernel
+# Above this many tokens matmul uses the tl.dot kernel: on the H100 the gemv (which streams the weight once per
+# token, later tokens mostly from L2) already lost to it at 2 tokens on 4096x4096 and at 4 on 11008x4096.
+GEMV_MAX_TOKENS = 1
 PACK = 8  # 4-bit codes per int32 word
 
 
@@ -161,23 +166,27 @@ def dequantize(w: GpuPackedWeight) -> torch.Tensor:
     return dense
 
 
-def _block_k(w: GpuPackedWeight, wanted: int) -> int:
-    """The largest power of two <= wanted that keeps each K block inside one group."""
-    block = wanted
-    while w.group_size != w.in_features and w.group_size % block:
-        block //= 2
-    return block
+# Launch settings from benchmarks/gpu_check.py --sweep on an H100 (torch 2.11, triton 3.6), 4096x4096 and
+# 11008x4096 weights; gemv()/gemm() take overrides. waves: target programs per SM (sets the K split).
+GEMV_CONFIG = {"block_n": 64, "block_k4": 512, "block_k8": 128, "warps": 4, "waves": 4}
+GEMM_CONFIG = {"block_n": 64, "block_k": 64, "block_k_fp32": 32, "warps": 4, "stages": 3, "waves": 4}
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def _splits(chunks: int, tiles: int, device: torch.device) -> tuple[int, int]:
-    """(K splits, chunks per split) giving about two programs per SM."""
-    split = max(1, min(chunks, (2 * _sm_count(device)) // max(1, tiles)))
+def _splits(chunks: int, tiles: int, device: torch.device, waves: int) -> tuple[int, int]:
+    """(K splits, chunks per split) giving about `waves` programs per SM."""
+    split = max(1, min(chunks, (waves * _sm_count(device)) // max(1, tiles)))
     per_split = triton.cdiv(chunks, split)
     return triton.cdiv(chunks, per_split), per_split
+
+
+def _row_scales(w: GpuPackedWeight, block_k: int) -> bool:
+    """Whether a K block can span several groups (then scales are loaded per row of the block)."""
+    return w.group_size != w.in_features and w.group_size % block_k != 0
 
 
 def _output(tokens: int, w: GpuPackedWeight, x: torch.Tensor, split: int) -> torch.Tensor:
@@ -194,48 +203,42 @@ def _dummy(w: GpuPackedWeight, t: torch.Tensor | None) -> torch.Tensor:
     return w.scales if t is None else t
 
 
-def gemv(x: torch.Tensor, w: GpuPackedWeight) -> torch.Tensor:
+def gemv(x: torch.Tensor, w: GpuPackedWeight, config: dict | None = None) -> torch.Tensor:
     """[tokens, out] for a few tokens: the streaming kernel, one program per (row block, K split, token)."""
-    tokens = x.shape[0]
-    block_n = 64
-    block_k = _block_k(w, 128 if w.bits <= 4 else 64)
+    cfg = {**GEMV_CONFIG, **(config or {})}
+    tokens, block_n = x.shape[0], cfg["block_n"]
+    block_k = cfg["block_k4"] if w.bits <= 4 else cfg["block_k8"]
     chunks = triton.cdiv(w.in_features, block_k)
-    split, per_split = _splits(chunks, triton.cdiv(w.out_features, block_n) * tokens, x.device)
+    tiles_n = triton.cdiv(w.out_features, block_n)
+    split, per_split = _splits(chunks, tiles_n * tokens, x.device, cfg["waves"])
     out = _output(tokens, w, x, split)
-    grid = (triton.cdiv(w.out_features, block_n), split, tokens)
-    _gemv_kernel[grid](
+    _gemv_kernel[(tiles_n, split, tokens)](
         x, w.qweight, w.scales, _dummy(w, w.zeros), _dummy(w, w.perm), out,
         w.out_features, w.in_features, w.group_size, per_split,
         BITS=_kernel_bits(w), offset=w.offset, HAS_ZERO=w.zeros is not None, HAS_PERM=w.perm is not None,
-        ATOMIC=split > 1, BLOCK_N=block_n, BLOCK_K=block_k, ROWS=block_k // PACK if w.bits <= 4 else block_k,
-        num_warps=4)
+        ROW_SCALES=_row_scales(w, block_k), ATOMIC=split > 1, BLOCK_N=block_n, BLOCK_K=block_k,
+        ROWS=block_k // PACK if w.bits <= 4 else block_k, num_warps=cfg["warps"])
     return out
 
 
-def _gemm_blocks(tokens: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) by token count."""
-    if tokens <= 16:
-        return 16, 64, 4
-    if tokens <= 64:
-        return 64, 64, 4
-    return 128, 128, 8
-
-
-def gemm(x: torch.Tensor, w: GpuPackedWeight) -> torch.Tensor:
+def gemm(x: torch.Tensor, w: GpuPackedWeight, config: dict | None = None) -> torch.Tensor:
     """[tokens, out] through tl.dot on dequantized tiles (split along K when the tile grid is small)."""
+    cfg = {**GEMM_CONFIG, **(config or {})}
     tokens = x.shape[0]
-    block_m, block_n, warps = _gemm_blocks(tokens)
-    block_k = _block_k(w, 64 if x.dtype != torch.float32 else 32)
+    block_m = min(128, max(16, triton.next_power_of_2(tokens)))
+    block_n = cfg["block_n"] if tokens <= 64 else 128
+    warps = cfg["warps"] if tokens <= 64 else 8
+    block_k = cfg["block_k"] if x.dtype != torch.float32 else cfg["block_k_fp32"]
     chunks = triton.cdiv(w.in_features, block_k)
     tiles_m, tiles_n = triton.cdiv(tokens, block_m), triton.cdiv(w.out_features, block_n)
-    split, per_split = _splits(chunks, tiles_m * tiles_n, x.device)
+    split, per_split = _splits(chunks, tiles_m * tiles_n, x.device, cfg["waves"])
     out = _output(tokens, w, x, split)
     _gemm_kernel[(tiles_m, tiles_n, split)](
         x, w.qweight, w.scales, _dummy(w, w.zeros), _dummy(w, w.perm), out,
         tokens, w.out_features, w.in_features, w.group_size, per_split,
         BITS=_kernel_bits(w), offset=w.offset, HAS_ZERO=w.zeros is not None, HAS_PERM=w.perm is not None,
-        ATOMIC=split > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=warps, num_stages=3)
+        ROW_SCALES=_row_scales(w, block_k), ATOMIC=split > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=warps, num_stages=cfg["stages"])
     return out
 
 
@@ -268,11 +271,19 @@ if triton is not None:
         return tl.load(row_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _group_params(s_ptr, z_ptr, g, offs_n, mask_n, N, offset, HAS_ZERO: tl.constexpr):
-        """Scales and zero points [1, BLOCK_N] of group g (the zero is `offset` when symmetric)."""
-        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    def _group_params(s_ptr, z_ptr, k0, offs_k, mask_k, offs_n, mask_n, N, group_size, offset,
+                      HAS_ZERO: tl.constexpr, ROW_SCALES: tl.constexpr):
+        """Scales and zero points, [1, BLOCK_N] for the group of the K block starting at k0, or [rows, BLOCK_N]
+        per row k of offs_k when a block spans several groups (the zero is `offset` when symmetric)."""
+        if ROW_SCALES:
+            index = (offs_k // group_size)[:, None] * N + offs_n[None, :]
+            mask = mask_k[:, None] & mask_n[None, :]
+        else:
+            index = (k0 // group_size) * N + offs_n[None, :]
+            mask = mask_n[None, :]
+        s = tl.load(s_ptr + index, mask=mask, other=0.0).to(tl.float32)
         if HAS_ZERO:
-            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(z_ptr + index, mask=mask, other=0.0).to(tl.float32)
         else:
             z = offset
         return s, z
@@ -280,7 +291,8 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, N, K, group_size, per_split,
                      BITS: tl.constexpr, offset, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
-                     ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr):
+                     ROW_SCALES: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     ROWS: tl.constexpr):
         pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -290,10 +302,12 @@ if triton is not None:
         first = pid_k * per_split
         last = tl.minimum(first + per_split, tl.cdiv(K, BLOCK_K))
         for c in range(first, last):
-            s, z = _group_params(s_ptr, z_ptr, (c * BLOCK_K) // group_size, offs_n, mask_n, N, offset, HAS_ZERO)
+            k0 = c * BLOCK_K
             if BITS == 8:
-                offs_k = c * BLOCK_K + rows
+                offs_k = k0 + rows
                 mask_k = offs_k < K
+                s, z = _group_params(s_ptr, z_ptr, k0, offs_k, mask_k, offs_n, mask_n, N, group_size, offset,
+                                     HAS_ZERO, ROW_SCALES)
                 q = tl.load(qw_ptr + offs_k[:, None] * N + offs_n[None, :],
                             mask=mask_k[:, None] & mask_n[None, :], other=0)
                 xk = _load_x(x_row, perm_ptr, offs_k, mask_k, HAS_PERM)
@@ -301,6 +315,9 @@ if triton is not None:
             else:
                 offs_w = c * ROWS + rows
                 mask_w = offs_w < K // 8
+                # a word's 8 columns share a group (group sizes are multiples of 16)
+                s, z = _group_params(s_ptr, z_ptr, k0, offs_w * 8, mask_w, offs_n, mask_n, N, group_size, offset,
+                                     HAS_ZERO, ROW_SCALES)
                 words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :],
                                 mask=mask_w[:, None] & mask_n[None, :], other=0)
                 part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
@@ -318,8 +335,8 @@ if triton is not None:
     @triton.jit
     def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, M, N, K, group_size, per_split,
                      BITS: tl.constexpr, offset, HAS_ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
-                     ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     ROW_SCALES: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -343,7 +360,8 @@ if triton is not None:
             else:
                 words = tl.load(qw_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=mask_w, other=0)
                 q = (words >> ((offs_k[:, None] % 8) * 4)) & 0xF
-            s, z = _group_params(s_ptr, z_ptr, (c * BLOCK_K) // group_size, offs_n, mask_n, N, offset, HAS_ZERO)
+            s, z = _group_params(s_ptr, z_ptr, c * BLOCK_K, offs_k, mask_k, offs_n, mask_n, N, group_size, offset,
+                                 HAS_ZERO, ROW_SCALES)
             b = ((q.to(tl.float32) - z) * s).to(a.dtype)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         out = out_ptr + offs_m[:, None] * N + offs_n[None, :]

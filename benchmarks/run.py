@@ -25,7 +25,9 @@ THREADS = 2
 TITLES = {"foundation": "RTN and packing (foundation)", "gptq": "GPTQ, AWQ, NF4/FP4 and RTN next to llm-compressor",
           "kernels": "Quantized matrix-vector kernels (runtime groundwork)",
           "runtime": "Runtime: decode speed, batching, paged KV cache, prefill memory",
-          "speculative": "Speculative decoding"}
+          "speculative": "Speculative decoding",
+          "gpu": "GPU (Triton kernels, CUDA runtime, `--device cuda` quantization)"}
+BY_HAND = {"gpu": "written by hand from benchmarks/gpu_check.py and benchmarks/gpu_session.py on a CUDA machine"}
 
 
 def machine() -> str:
@@ -75,6 +77,8 @@ def run_section(name: str, work: Path, repeats: int) -> list[str]:
 
         synthetic = bench_runtime.decode_model_dirs()["fp32"]
         return bench_speculative.section(ensure_bench_model(THREADS), _stories(work), synthetic)
+    if name in BY_HAND:
+        raise SystemExit(f"the {name} section is {BY_HAND[name]}")
     raise SystemExit(f"unknown section {name!r}: {', '.join(TITLES)}")
 
 
@@ -106,7 +110,7 @@ def main() -> None:
     from infopt.cli.main import _quiet_optional_peers
 
     _quiet_optional_peers()
-    names = args.only or list(TITLES)
+    names = args.only or [name for name in TITLES if name not in BY_HAND]
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:  # each section is written as soon as it is done
             command = "python benchmarks/run.py --only " + name

@@ -104,3 +104,16 @@ def test_awq_beats_rtn_on_stories260k_and_reports_unfoldable_groups(stories_hf, 
     awq_ppl = evaluate_checkpoint(str(awq_out), "tinystories", max_windows=60)["ppl"]
     rtn_ppl = evaluate_checkpoint(str(rtn_out), "tinystories", max_windows=60)["ppl"]
     assert awq_ppl < rtn_ppl * 0.9
+
+
+def test_scale_search_scores_candidates_on_evenly_spaced_whole_windows():
+    from infopt.quant.awq import AWQConfig, AWQMethod
+
+    x = torch.arange(10.0).view(10, 1, 1).expand(10, 64, 4)
+    method = AWQMethod(None, AWQConfig(search_tokens=256))
+    picked = method._search_windows(x)
+    assert picked.shape == (4, 64, 4) and picked[:, 0, 0].tolist() == [0.0, 3.0, 6.0, 9.0]
+    assert method._search_windows(x[:3]).shape[0] == 3  # under the budget: everything
+    assert AWQMethod(None, AWQConfig(search_tokens=0))._search_windows(x).shape[0] == 10
+    with pytest.raises(Exception):
+        AWQConfig(search_tokens=-1)

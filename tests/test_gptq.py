@@ -173,3 +173,34 @@ def test_calibrated_methods_need_calibration_text(tiny_llama, tmp_path):
     with pytest.raises(InfoptError, match="--calib"):
         _gptq(tiny_llama, tmp_path / "q", calib=None)
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("arch,extra", [("llama", {}), ("mistral", {"sliding_window": 24}), ("qwen3", {"head_dim": 16}),
+                                        ("gemma2", {"head_dim": 16}), ("phi3", {"pad_token_id": 0})])
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_reusing_the_attention_output_changes_no_byte(stories_hf, tmp_path, monkeypatch, arch, extra, method):
+    """Later passes replace attention by its output projection on kept inputs: checked, and bit-identical."""
+    from infopt.quant.driver import LayerContext
+
+    src = copy_tokenizer(stories_hf, make_tiny_model(arch, tmp_path / arch, vocab_size=512, **extra))
+    reused = _gptq(src, tmp_path / "reused", method=method)
+    assert reused["attention_reuse"] == {"reused": 2, "rejected": 0}
+    monkeypatch.setattr(LayerContext, "reuse_allowed", False)
+    plain = _gptq(src, tmp_path / "plain", method=method)
+    assert plain["attention_reuse"] == {"reused": 0, "rejected": 0}
+    assert _bytes(tmp_path / "reused") == _bytes(tmp_path / "plain")
+
+
+def test_attention_reuse_is_rejected_when_the_attention_does_more_than_its_projection(tiny_llama, tmp_path,
+                                                                                    monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    original = modeling_llama.LlamaAttention.forward
+
+    def scaled(self, *args, **kwargs):
+        out, weights = original(self, *args, **kwargs)
+        return out * 1.5, weights
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", scaled)
+    report = _gptq(tiny_llama, tmp_path / "a")
+    assert report["attention_reuse"] == {"reused": 0, "rejected": 2}

@@ -82,6 +82,7 @@ def quantize(
     awq_grid: int = typer.Option(20, "--awq-grid", help="AWQ: number of alpha values tried for the scales."),
     duo_scaling: bool = typer.Option(True, "--duo-scaling/--no-duo-scaling", help="AWQ: s = mean|x|^a / mean|w|^(1-a), or mean|x|^a alone."),
     awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="AWQ: search a clipping range per group."),
+    awq_search_tokens: int = typer.Option(16384, "--awq-search-tokens", min=0, help="AWQ: calibration tokens (whole windows, evenly spaced) each scale candidate is scored on; 0 = all."),
     gptq_block_size: int = typer.Option(128, "--gptq-block-size", help="GPTQ lazy-update block (columns)."),
     block_size: int = typer.Option(64, "--block-size", help="nf4/fp4: weights per absmax block (32 to 4096)."),
     double_quant: bool = typer.Option(False, "--double-quant", help="nf4/fp4: quantize the absmax values to 8 bits too."),
@@ -112,7 +113,8 @@ def quantize(
                           device=device, resume=resume, offload_activations=offload_activations,
                           activation_dtype=parse_dtype(activation_dtype) if activation_dtype else None,
                           block_size=block_size, double_quant=double_quant,
-                          awq=AWQConfig(grid=awq_grid, duo_scaling=duo_scaling, clip=awq_clip))
+                          awq=AWQConfig(grid=awq_grid, duo_scaling=duo_scaling, clip=awq_clip,
+                                        search_tokens=awq_search_tokens))
     if not dry_run and out is None:
         raise InfoptError("--out is required unless --dry-run")
     with progress_bar(not json_out) as progress:

@@ -31,6 +31,8 @@ class Adapter:
     lm_head: str = "lm_head"
     scale_groups: tuple[ScaleGroup, ...] = ()
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (offset + weight)
+    attention: str = "self_attn"  # the attention module, whose output is its last linear's output
+    attention_out: str = "self_attn.o_proj"
     # linears whose inputs cannot take a folded scale, with the reason (reported, never silent)
     unscalable: tuple[tuple[str, str], ...] = ()
 

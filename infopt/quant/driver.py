@@ -11,6 +11,7 @@ are re-run from their saved results to rebuild the activations, so the end resul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -63,10 +64,21 @@ class LayerResult:
 
 
 class LayerContext:
-    """What a method sees of one decoder layer: its linears in groups and a way to run it."""
+    """What a method sees of one decoder layer: its linears in groups and a way to run it.
+
+    Attention reuse (a method opts in with `reuse_attention = True`): attention is the costly part of a layer
+    forward on long windows, and once q/k/v are final its output cannot change. So the inputs of the attention's
+    output projection, seen while observing that projection, are kept (`attention_cache`, in the activation dtype,
+    on disk when activations are); later passes replace the attention module's forward by that projection applied
+    to the kept inputs. The first replaced call of a layer is checked against the real attention; a mismatch (an
+    architecture whose attention does more after the projection) turns reuse off for the layer.
+    """
+
+    reuse_allowed = True  # the class-wide switch (tests compare against runs without reuse)
 
     def __init__(self, index: int, layer: nn.Module, groups: list[list[Linear]], inputs: ActivationStore,
-                 kwargs: dict, device: torch.device, dtype: torch.dtype, micro_batch: int):
+                 kwargs: dict, device: torch.device, dtype: torch.dtype, micro_batch: int,
+                 attention: tuple[str, str] | None = None, cache_file: Path | None = None):
         self.index = index
         self.layer = layer
         self.groups = groups
@@ -75,14 +87,25 @@ class LayerContext:
         self.device = device
         self.dtype = dtype
         self.micro_batch = micro_batch
+        self.reuse_attention = False
+        self.attention_cache: ActivationStore | None = None
+        self._attention = self._attention_out = None
+        if attention is not None:
+            modules = dict(layer.named_modules())
+            self._attention, self._attention_out = modules.get(attention[0]), modules.get(attention[1])
+        self._cache_file = cache_file
+        self._verified = False
+        self._batch_start = 0
+        self.attention_outcome: str | None = None  # "reused" or "rejected" once a replaced call was checked
 
     def _batches(self):
         for start in range(0, len(self.inputs), self.micro_batch):
+            self._batch_start = start
             yield start, self.inputs.data[start : start + self.micro_batch].to(self.device, self.dtype)
 
     def run(self, outputs: ActivationStore | None = None) -> None:
         """The layer on every calibration window; outputs stored when a store is given."""
-        with torch.no_grad():
+        with torch.no_grad(), self._reused_attention():
             for start, batch in self._batches():
                 out = self.layer(batch, **self.kwargs)
                 out = out[0] if isinstance(out, tuple) else out
@@ -91,14 +114,22 @@ class LayerContext:
 
     def observe_inputs(self, module: nn.Module, observe: Callable[[torch.Tensor], None]) -> None:
         """Feed `module`'s inputs on every window to `observe`, running the layer only up to it."""
+        capture = None
+        if (self.reuse_allowed and self.reuse_attention and module is self._attention_out
+                and self.attention_cache is None):
+            shape = (len(self.inputs), self.inputs.data.shape[1], module.in_features)
+            capture = ActivationStore(shape, self.inputs.dtype, self._cache_file)
 
         def hook(_module, args):
-            observe(args[0].detach())
+            x = args[0].detach()
+            if capture is not None:
+                capture.data[self._batch_start : self._batch_start + x.shape[0]] = x.to("cpu", capture.dtype)
+            observe(x)
             raise _StopForward
 
         handle = module.register_forward_pre_hook(hook)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._reused_attention():
                 for _, batch in self._batches():
                     try:
                         self.layer(batch, **self.kwargs)
@@ -106,10 +137,42 @@ class LayerContext:
                         pass
         finally:
             handle.remove()
+        if capture is not None:
+            self.attention_cache, self._verified = capture, False
+
+    @contextlib.contextmanager
+    def _reused_attention(self):
+        attention, cache = self._attention, self.attention_cache
+        if cache is None or attention is None:
+            yield
+            return
+
+        def forward(*args, **kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            kept = cache.data[self._batch_start : self._batch_start + hidden.shape[0]].to(self.device, self.dtype)
+            out = self._attention_out(kept)
+            if not self._verified:
+                real = type(attention).forward(attention, *args, **kwargs)
+                real_out = real[0] if isinstance(real, tuple) else real
+                if real_out.shape != out.shape or not torch.allclose(real_out, out, rtol=1e-4, atol=1e-5):
+                    self.attention_cache, self.attention_outcome = None, "rejected"
+                    del attention.forward  # back to the real attention for the rest of this layer
+                    return real
+                self._verified, self.attention_outcome = True, "reused"
+            return out, None
+
+        attention.forward = forward
+        try:
+            yield
+        finally:
+            attention.__dict__.pop("forward", None)
 
     def set_quantized(self, linear: Linear, weight: QuantizedWeight) -> None:
         """Make the layer compute with the dequantized weight from now on."""
         linear.module.weight.data = weight.dequantize().to(self.device, self.dtype)
+        if self._attention is not None and linear.module is not self._attention_out and any(
+                linear.module is m for m in self._attention.modules()):
+            self.attention_cache = None  # its inputs changed
 
 
 class CalibratedMethod(Protocol):
@@ -201,6 +264,7 @@ def run_layers(stream: LayerStream, windows: torch.Tensor, specs: dict[str, Quan
     spare = ActivationStore(shape, store_dtype, work_dir / "act-b.npy" if offload else None)
     micro_batch = max(1, 8192 // shape[1])
     timings = []
+    reuse = {"reused": 0, "rejected": 0}
     for index in range(stream.num_layers):
         layer_start = time.perf_counter()
         prefix = stream.layer_prefix(index)
@@ -212,8 +276,9 @@ def run_layers(stream: LayerStream, windows: torch.Tensor, specs: dict[str, Quan
                        for rel in group if f"{prefix}.{rel}" in specs]
             if members:
                 groups.append(members)
+        attention = (stream.adapter.attention, stream.adapter.attention_out)
         ctx = LayerContext(index, layer, groups, current, inputs.kwargs[index], stream.device, stream.dtype,
-                           micro_batch)
+                           micro_batch, attention, work_dir / "attention.npy" if offload else None)
         if index < done:
             _apply(ctx, prefix, load_part(part_path(work_dir, index)))
         else:
@@ -221,14 +286,17 @@ def run_layers(stream: LayerStream, windows: torch.Tensor, specs: dict[str, Quan
             save_part(part_path(work_dir, index), result)
         if index + 1 < stream.num_layers:  # the last layer's outputs feed nothing
             ctx.run(outputs=spare)
+        if ctx.attention_outcome:
+            reuse[ctx.attention_outcome] += 1
         stream.release_layer(index)
         current, spare = spare, current
         timings.append(time.perf_counter() - layer_start)
         if progress:
             progress("layers", index + 1, stream.num_layers)
-    for name in ("act-a.npy", "act-b.npy"):
+    for name in ("act-a.npy", "act-b.npy", "attention.npy"):
         (work_dir / name).unlink(missing_ok=True)
-    return {"seconds": time.perf_counter() - start_time, "layer_seconds": timings, "resumed_layers": done}
+    return {"seconds": time.perf_counter() - start_time, "layer_seconds": timings, "resumed_layers": done,
+            "attention_reuse": reuse}
 
 
 def iter_results(work_dir: Path, num_layers: int):

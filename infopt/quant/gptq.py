@@ -191,6 +191,7 @@ class GPTQMethod:
 
     def quantize_layer(self, ctx: LayerContext) -> LayerResult:
         result = LayerResult()
+        ctx.reuse_attention = True
         for group in ctx.groups:
             hessian = Hessian(group[0].module.in_features, ctx.device)
             ctx.observe_inputs(group[0].module, hessian.add)

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from infopt.errors import InfoptError
+from infopt.memory import return_freed_memory
 from infopt.models.streaming import LayerStream, _StopForward, move_kwargs
 from infopt.quant.rtn import QuantizedWeight
 from infopt.quant.spec import QuantSpec
@@ -289,6 +290,8 @@ def run_layers(stream: LayerStream, windows: torch.Tensor, specs: dict[str, Quan
         if ctx.attention_outcome:
             reuse[ctx.attention_outcome] += 1
         stream.release_layer(index)
+        del ctx, layer, modules
+        return_freed_memory()
         current, spare = spare, current
         timings.append(time.perf_counter() - layer_start)
         if progress:

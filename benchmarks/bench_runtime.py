@@ -46,8 +46,7 @@ def _engine(model, blocks: int = 512):
     from infopt.runtime.engine import Engine
     from infopt.runtime.kv_cache import KVCache
 
-    s = model.shape
-    return Engine(model, KVCache(s.num_layers, blocks, s.num_kv_heads, s.head_dim, model.dtype), max_batch=64)
+    return Engine(model, KVCache.for_model(model, blocks), max_batch=64)
 
 
 def engine_decode(model, sequences: int = 1, tokens: int = DECODE_TOKENS) -> float:
@@ -129,8 +128,7 @@ class WasteEngine:
         from infopt.runtime.engine import Engine, SamplingParams
         from infopt.runtime.kv_cache import KVCache
 
-        s = model.shape
-        cache = KVCache(s.num_layers, 4096, s.num_kv_heads, s.head_dim, model.dtype, block_size)
+        cache = KVCache.for_model(model, 4096, block_size)
         self.engine = Engine(model, cache, eos_ids={2}, max_batch=32)
         self.limit = {}
         for prompt, new in requests:
@@ -185,8 +183,7 @@ path, tokens, impl = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if impl == "explicit":
     attention.sdpa = attention.explicit_attention
 model = load_engine_model(open_model(path))
-s = model.shape
-cache = KVCache(s.num_layers, tokens // 16 + 1, s.num_kv_heads, s.head_dim, torch.float32)
+cache = KVCache.for_model(model, tokens // 16 + 1)
 ids = torch.randint(3, 512, (tokens,), generator=torch.Generator().manual_seed(0))
 table = BlockTable()
 slots = cache.reserve(table, tokens)

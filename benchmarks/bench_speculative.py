@@ -34,8 +34,7 @@ def story_prompts(tokenizer_dir: Path, count: int) -> list[list[int]]:
 
 
 def _cache(model, tokens: int = 4096) -> KVCache:
-    s = model.shape
-    return KVCache(s.num_layers, tokens // 16, s.num_kv_heads, s.head_dim, model.dtype, 16)
+    return KVCache.for_model(model, tokens // 16)
 
 
 def _decode(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:

@@ -61,9 +61,7 @@ def decode_rate(model, tokens: int = 64, sequences: int = 1) -> float:
     from infopt.runtime.engine import Engine, SamplingParams
     from infopt.runtime.kv_cache import KVCache
 
-    s = model.shape
-    engine = Engine(model, KVCache(s.num_layers, 1024, s.num_kv_heads, s.head_dim, model.dtype, 16, model.device),
-                    max_batch=64)
+    engine = Engine(model, KVCache.for_model(model, 1024), max_batch=64)
     for i in range(sequences):
         engine.submit([1] + list(range(100, 115)) + [200 + i], SamplingParams(max_new_tokens=tokens + 1))
     torch.cuda.synchronize()

@@ -34,8 +34,7 @@ CASES = {
 
 
 def _cache_for(model, blocks=64, block_size=4, dtype=torch.float32) -> KVCache:
-    s = model.shape
-    return KVCache(s.num_layers, blocks, s.num_kv_heads, s.head_dim, dtype, block_size)
+    return KVCache.for_model(model, blocks, block_size, dtype)
 
 
 def _stepwise_logits(model, ids: torch.Tensor, prefill: int, block_size: int = 4) -> torch.Tensor:
@@ -333,8 +332,7 @@ def test_cuda_runtime_with_triton_kernels_matches_the_dequantized_model(quantize
     with torch.no_grad():
         want = reference(ids[None]).logits[0]
     model = load_engine_model(model_dir, device="cuda")
-    s = model.shape
-    cache = KVCache(s.num_layers, 64, s.num_kv_heads, s.head_dim, torch.float32, 4, device="cuda")
+    cache = KVCache.for_model(model, 64, 4)
     table = BlockTable()
     rows = []
     for start, n in [(0, 9)] + [(i, 1) for i in range(9, 20)]:
@@ -350,8 +348,7 @@ def test_cuda_engine_greedy_tokens_equal_the_cpu_engine(stories_hf):
     results = {}
     for device in ("cpu", "cuda"):
         model = load_engine_model(model_dir, device=device)
-        s = model.shape
-        engine = Engine(model, KVCache(s.num_layers, 64, s.num_kv_heads, s.head_dim, torch.float32, 16, device))
+        engine = Engine(model, KVCache.for_model(model, 64))
         for prompt in ([1], [1, 300, 301, 302]):
             engine.submit(prompt, SamplingParams(max_new_tokens=50))
         results[device] = [seq.tokens for seq in engine.run()]

@@ -18,8 +18,7 @@ CHI2_CRITICAL_0001 = {5: 20.515, 7: 24.322}
 
 
 def _cache(model, blocks=256, block_size=8) -> KVCache:
-    s = model.shape
-    return KVCache(s.num_layers, blocks, s.num_kv_heads, s.head_dim, model.dtype, block_size)
+    return KVCache.for_model(model, blocks, block_size)
 
 
 @pytest.fixture(scope="module")

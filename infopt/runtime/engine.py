@@ -204,8 +204,7 @@ class Engine:
     def _fork(self, seq: Sequence) -> list[Sequence]:
         children = []
         for index in range(1, seq.pending_samples + 1):
-            child = self._new_sequence(seq.request_id, index, list(seq.tokens), seq.params)
-            child.prompt_len = seq.prompt_len
+            child = self._new_sequence(seq.request_id, index, list(seq.tokens), seq.params)  # tokens: the prompt
             child.table = self.cache.fork(seq.table)
             children.append(child)
             self.running.append(child)

@@ -68,6 +68,13 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.allocator = BlockAllocator(num_blocks)
 
+    @classmethod
+    def for_model(cls, model, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """A cache shaped for an EngineModel (its layers, KV heads, head size, dtype and device)."""
+        s = model.shape
+        return cls(s.num_layers, num_blocks, s.num_kv_heads, s.head_dim, dtype or model.dtype, block_size, model.device)
+
     @staticmethod
     def block_bytes(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                     block_size: int = DEFAULT_BLOCK_SIZE) -> int:

@@ -183,14 +183,15 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (linears[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
         self.q_norm, self.k_norm = norms.get("q_norm"), norms.get("k_norm")
 
-    def forward(self, x: torch.Tensor, layout: BatchLayout, cache: KVCache, rotary: Rotary) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: BatchLayout, cache: KVCache,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         s = self.shape
         q = self.q_proj(x).view(-1, s.num_heads, s.head_dim)
         k = self.k_proj(x).view(-1, s.num_kv_heads, s.head_dim)
         v = self.v_proj(x).view(-1, s.num_kv_heads, s.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rotary.tables(layout.positions, x.dtype)
+        cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         cache.write(self.layer, layout.slots, k, v)
         out = attend(q, k, v, layout, cache, self.layer, s.head_dim ** -0.5, s.sliding_window)
@@ -212,8 +213,9 @@ class DecoderLayer(nn.Module):
         self.self_attn, self.mlp = attn, mlp
         self.input_layernorm, self.post_attention_layernorm = input_norm, post_norm
 
-    def forward(self, x: torch.Tensor, layout: BatchLayout, cache: KVCache, rotary: Rotary) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), layout, cache, rotary)
+    def forward(self, x: torch.Tensor, layout: BatchLayout, cache: KVCache,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), layout, cache, rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -255,8 +257,9 @@ class EngineModel(nn.Module):
         if self.device.type != "cpu":
             tokens, layout = tokens.to(self.device), layout.to(self.device)
         x = F.embedding(tokens, self.embed)
+        rope = self.rotary.tables(layout.positions, x.dtype)  # the same for every layer
         for layer in self.layers:
-            x = layer(x, layout, cache, self.rotary)
+            x = layer(x, layout, cache, rope)
         x = x if layout.logit_rows is None else x[layout.logit_rows]
         return self.lm_head(self.norm(x)).float().cpu()
 

@@ -76,11 +76,10 @@ def make_cache(model: EngineModel, options: RunOptions) -> KVCache:
     blocks = int(options.kv_budget_mb * 1e6 // block)
     if blocks < 1:
         raise InfoptError(f"--kv-budget-mb {options.kv_budget_mb} is below one KV block ({block / 1e6:.3f} MB)")
-    return KVCache(s.num_layers, blocks, s.num_kv_heads, s.head_dim, model.dtype, options.block_size, model.device)
+    return KVCache.for_model(model, blocks, options.block_size)
 
 
-def make_engine(model: EngineModel, options: RunOptions, eos_ids: set[int], drafter=None) -> Engine:
-    cache = make_cache(model, options)
+def make_engine(model: EngineModel, cache: KVCache, options: RunOptions, eos_ids: set[int], drafter=None) -> Engine:
     if drafter is None:
         return Engine(model, cache, eos_ids, options.max_batch)
     from infopt.runtime.speculative import SpeculativeEngine
@@ -89,7 +88,7 @@ def make_engine(model: EngineModel, options: RunOptions, eos_ids: set[int], draf
                              max_batch=options.max_batch)
 
 
-def make_drafter(model_dir: ModelDir, tokenizer, options: RunOptions, target: EngineModel):
+def make_drafter(model_dir: ModelDir, tokenizer, options: RunOptions, target: EngineModel, target_cache: KVCache):
     """The drafter --draft names; a draft model must share the target's tokenizer."""
     from infopt.runtime.speculative import ModelDrafter, NgramDrafter, draft_cache_for, self_draft
 
@@ -110,7 +109,7 @@ def make_drafter(model_dir: ModelDir, tokenizer, options: RunOptions, target: En
     if draft.shape.vocab_size != target.shape.vocab_size:
         raise InfoptError(f"the draft's vocabulary ({draft.shape.vocab_size}) differs from the target's "
                           f"({target.shape.vocab_size})")
-    cache = draft_cache_for(draft, make_cache(target, options), options.max_batch, options.num_draft)
+    cache = draft_cache_for(draft, target_cache, options.max_batch, options.num_draft)
     return ModelDrafter(draft, cache, name)
 
 
@@ -194,18 +193,20 @@ def run_prompts(model: str, prompts: list[Prompt], options: RunOptions,
 
     lm = load_engine_model(model_dir, options.dtype, options.backend, resolve_device(options.device))
     load_seconds = time.perf_counter() - load_start
-    drafter = make_drafter(model_dir, tokenizer, options, lm) if options.draft else None
+    cache = make_cache(lm, options)
+    drafter = make_drafter(model_dir, tokenizer, options, lm, cache) if options.draft else None
     eos = eos_ids_of(tokenizer, model_dir.config)
     single = len(prompts) == 1 and options.params.n == 1
     requests = [(_encode(tokenizer, p.text), _params_for(p, options.params)) for p in prompts]
     stream = TextStream(tokenizer, on_text, requests[0][0]) if single and on_text else None
-    engine, finished, seconds = _generate(make_engine(lm, options, eos, drafter), requests, stream)
+    engine, finished, seconds = _generate(make_engine(lm, cache, options, eos, drafter), requests, stream)
     report = _report(model_dir, tokenizer, prompts, finished, engine, seconds, load_seconds)
     if drafter is not None:
         report["speculative"] = {"draft": options.draft, "num_draft": options.num_draft,
                                  "adaptive": options.adaptive_draft, **engine.spec.as_dict()}
         if options.baseline:
-            plain, plain_finished, plain_seconds = _generate(make_engine(lm, options, eos), requests, None)
+            # every block is free again once all requests finished: the plain run reuses the same memory
+            plain, plain_finished, plain_seconds = _generate(make_engine(lm, cache, options, eos), requests, None)
             report["speculative"].update(_speedup(engine, plain, finished, plain_finished, seconds, plain_seconds))
     return report
 

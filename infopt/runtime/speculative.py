@@ -22,7 +22,7 @@ import torch
 from infopt.runtime.attention import BatchLayout
 from infopt.runtime.engine import Engine, Sequence
 from infopt.runtime.generate import distribution
-from infopt.runtime.kv_cache import BlockTable, KVCache, OutOfBlocks
+from infopt.runtime.kv_cache import BlockTable, KVCache
 from infopt.runtime.model import EngineModel
 
 
@@ -272,9 +272,8 @@ def self_draft(model_dir, spec_name: str, dtype: torch.dtype, backend: str | Non
 
 def draft_cache_for(draft: EngineModel, target_cache: KVCache, max_batch: int, num_draft: int) -> KVCache:
     """A draft cache holding as many tokens as the target's, plus room for the drafts in flight."""
-    s, bs = draft.shape, target_cache.block_size
-    blocks = target_cache.num_blocks + max_batch * (-(-num_draft // bs) + 1)
-    return KVCache(s.num_layers, blocks, s.num_kv_heads, s.head_dim, draft.dtype, bs, draft.device)
+    bs = target_cache.block_size
+    return KVCache.for_model(draft, target_cache.num_blocks + max_batch * (-(-num_draft // bs) + 1), bs)
 
 
-__all__ = ["ModelDrafter", "NgramDrafter", "OutOfBlocks", "SpeculativeEngine", "draft_cache_for", "self_draft", "verify"]
+__all__ = ["ModelDrafter", "NgramDrafter", "SpeculativeEngine", "draft_cache_for", "self_draft", "verify"]

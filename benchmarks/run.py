@@ -71,12 +71,14 @@ def run_section(name: str, work: Path, repeats: int) -> list[str]:
 
         return bench_runtime.section(_stories(work))
     if name == "speculative":
-        import bench_runtime
         import bench_speculative
+        from synthetic import widen_llama
         from train_bench_model import ensure_bench_model
 
-        synthetic = bench_runtime.decode_model_dirs()["fp32"]
-        return bench_speculative.section(ensure_bench_model(THREADS), _stories(work), synthetic)
+        bench = ensure_bench_model(THREADS)
+        widened = widen_llama(bench, bench.parent / f"widened-{bench_speculative.WIDEN}x-{bench.name}",
+                              bench_speculative.WIDEN)
+        return bench_speculative.section(bench, _stories(work), widened)
     if name in BY_HAND:
         raise SystemExit(f"the {name} section is {BY_HAND[name]}")
     raise SystemExit(f"unknown section {name!r}: {', '.join(TITLES)}")

@@ -61,3 +61,63 @@ def make_synthetic_llama(out: Path, config: dict, seed: int = 0, max_shard_bytes
 
 def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def widen_llama(source: Path, out: Path, factor: int) -> Path:
+    """A `factor`-times wider copy of a trained Llama that computes the same function (reused when it exists).
+
+    Function-preserving widening in the manner of Net2WiderNet (Chen, Goodfellow & Shlens 2016): every hidden
+    unit, intermediate unit, query head and key/value head is repeated `factor` times, and each weight that reads
+    the repeated units is divided by `factor` (exact in binary floating point for a power of two). Copies are
+    interleaved (new unit c is old unit c mod width), so each run of old-width columns is the old matrix: groups of
+    128 columns hold the same values as the original's groups, and RMSNorm sees the same mean square. Query head
+    i copies old head i mod heads and uses key/value head i // (heads / kv_heads) with the same group size, which
+    copies the old key/value head that old query head used. The result decodes like the trained model at the
+    memory cost of a model factor^2 times larger: a realistic target for speculative decoding benchmarks.
+    """
+    if (out / "config.json").is_file():
+        return out
+    from infopt.models.loading import load_state_dict, open_model
+
+    model_dir = open_model(str(source))
+    config = dict(model_dir.config)
+    state = load_state_dict(model_dir)
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or h // heads
+
+    def units(width: int) -> torch.Tensor:  # new index -> old index, interleaved copies
+        return torch.arange(width * factor) % width
+
+    def head_units(count: int) -> torch.Tensor:  # new head-dim rows -> old rows, whole heads copied
+        old_head = torch.arange(count * factor) % count
+        return (old_head[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+    hidden, mlp, q_rows, kv_rows = units(h), units(inter), head_units(heads), head_units(kv_heads)
+    reads = {"q_proj": (q_rows, hidden), "k_proj": (kv_rows, hidden), "v_proj": (kv_rows, hidden),
+             "o_proj": (hidden, q_rows), "gate_proj": (mlp, hidden), "up_proj": (mlp, hidden),
+             "down_proj": (hidden, mlp)}
+
+    def widen(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        kind = name.split(".")[-2]
+        if name.endswith("norm.weight"):
+            return tensor[hidden].contiguous()
+        if kind == "embed_tokens":
+            return tensor[:, hidden].contiguous()
+        if kind == "lm_head":
+            return (tensor[:, hidden] / factor).contiguous()
+        rows, cols = reads[kind]
+        return (tensor[rows][:, cols] / factor).contiguous()
+
+    with atomic_output_dir(out) as tmp:
+        writer = ShardedWriter(tmp, 2 * 10**9)
+        for name in sorted(state):
+            writer.add(name, widen(name, state[name]))
+        writer.close()
+        config.update(hidden_size=h * factor, intermediate_size=inter * factor, num_attention_heads=heads * factor,
+                      num_key_value_heads=kv_heads * factor, head_dim=head_dim)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for extra in source.iterdir():
+            if extra.name.startswith("tokenizer") or extra.name in ("generation_config.json", "special_tokens_map.json"):
+                shutil.copy2(extra, tmp / extra.name)
+    return out

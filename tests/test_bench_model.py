@@ -69,3 +69,34 @@ def test_micro_run_writes_a_complete_folder_and_is_reused(bench, tmp_path):
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert bench.build(cfg, out, threads=1) == out
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_widened_model_computes_the_same_function(tmp_path):
+    """benchmarks/synthetic.py widen_llama: the speculative benchmark's memory-bound target with trained behaviour."""
+    import transformers
+
+    from infopt.quant.rtn import quantize_rtn
+    from infopt.quant.spec import QuantSpec
+    from tests.tiny_models import make_tiny_model
+
+    spec = importlib.util.spec_from_file_location("synthetic", SCRIPT.parent / "synthetic.py")
+    synthetic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(synthetic)
+    source = make_tiny_model("llama", tmp_path / "small")
+    wide = synthetic.widen_llama(source, tmp_path / "wide", 4)
+    small = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+    large = transformers.AutoModelForCausalLM.from_pretrained(wide).eval()
+    cfg, big = small.config, large.config
+    assert (big.hidden_size, big.intermediate_size) == (4 * cfg.hidden_size, 4 * cfg.intermediate_size)
+    assert (big.num_attention_heads, big.num_key_value_heads) == (4 * cfg.num_attention_heads,
+                                                                  4 * cfg.num_key_value_heads)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = small(ids).logits, large(ids).logits
+    assert float((got - expected).abs().max() / expected.abs().max()) < 1e-5
+    # each old-width run of columns is the old matrix / 4, so groups quantize to the same codes
+    width = cfg.hidden_size
+    old = small.model.layers[0].mlp.up_proj.weight.detach()
+    new = large.model.layers[0].mlp.up_proj.weight.detach()
+    group = QuantSpec(4, 16, True)
+    assert torch.equal(quantize_rtn(new[: old.shape[0], :width], group).codes, quantize_rtn(old, group).codes)

@@ -238,6 +238,69 @@ def test_thread_count_does_not_change_results():
     assert torch.equal(one, two)  # each row's summation order is fixed, whatever the split
 
 
+DENSE_SHAPES = [(7, 48), (130, 512), (64, 4096), (33, 16)]  # rows off the 4-row tile, one-step and long rows
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", DENSE_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens", [1, 4, 5, 6, 7, 13])
+def test_dense_kernel_matches_linear(shape, dtype, tokens):
+    gen = torch.Generator().manual_seed(tokens)
+    weight = torch.randn(*shape, generator=gen).to(dtype)
+    x = torch.randn(tokens, shape[1], generator=gen).to(dtype)
+    y = ops.dense_matmul(x, weight)
+    assert y.dtype == torch.float32 and y.shape == (tokens, shape[0])
+    assert _rel(y, _reference(x, weight)) < TOL  # bf16 weights and inputs widen exactly; fp32 sums
+
+
+@needs_ext
+def test_dense_kernel_rows_agree_across_slices_and_threads():
+    weight, x = torch.randn(260, 1024), torch.randn(9, 1024)
+    together = ops.dense_matmul(x, weight)  # slices of 6 + 3 tokens
+    for i in (0, 4, 8):  # a token alone takes the one-row path (two accumulator sets): same sums up to rounding
+        assert _rel(ops.dense_matmul(x[i:i + 1], weight)[0], together[i]) < 1e-6
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.dense_matmul(x, weight)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, together)  # the split between threads never changes a row's summation order
+
+
+@needs_ext
+def test_dense_kernel_rejects_what_it_cannot_read():
+    assert ops.dense_kernel_tokens(torch.randn(8, 40)) == 0  # in_features not a multiple of 16
+    assert ops.dense_kernel_tokens(torch.randn(40, 8).t()) == 0  # not contiguous
+    assert ops.dense_kernel_tokens(torch.randn(8, 32, dtype=torch.float16)) == 0
+    assert ops.dense_kernel_tokens(torch.randn(8, 32)) == ops.DENSE_KERNEL_TOKENS[torch.float32]
+    with pytest.raises(RuntimeError, match="divisible by 16"):
+        ops.dense_matmul(torch.randn(1, 40), torch.randn(8, 40))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.dense_matmul(torch.randn(1, 32), torch.randn(8, 32, dtype=torch.float16))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dense_linear_sends_decode_batches_to_the_kernel(monkeypatch, dtype):
+    from infopt.runtime.model import DenseLinear
+
+    weight, bias = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype)
+    layer, plain = DenseLinear(weight, bias, use_kernel=True), DenseLinear(weight, bias)
+    calls = []
+    real = kernels.dense_matmul
+    monkeypatch.setattr(kernels, "dense_matmul", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    limit = ops.DENSE_KERNEL_TOKENS[dtype]
+    for tokens in (1, limit, limit + 1, 64):
+        x = torch.randn(1, tokens, 64).to(dtype)
+        y = layer(x)
+        assert y.dtype == dtype and y.shape == (1, tokens, 96)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 output rounding
+        assert torch.allclose(y.float(), plain(x).float(), rtol=tol, atol=tol)
+    assert calls == [1, limit]  # prefill-sized inputs stay with torch
+
+
 def _quantized_llama(tmp_path):
     import transformers
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from infopt.errors import InfoptError
 from infopt.models.loading import ModelDir, hf_config_from_dict, load_state_dict, text_config
+from infopt.runtime import kernels
 from infopt.runtime.attention import BatchLayout, attend
 from infopt.runtime.kv_cache import KVCache
 
@@ -168,11 +169,22 @@ class RMSNorm(nn.Module):
 
 
 class DenseLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """y = x @ weight.T + bias. With use_kernel, decode-sized inputs on the CPU go through the C++ dense kernel
+    (torch's fp32 GEMM here runs 2-8 token products at a fraction of its 1-token speed, which would make checking
+    a speculative draft cost several decode steps); prefill stays with torch."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = False) -> None:
         super().__init__()
         self.weight, self.bias = weight, bias
+        self.use_kernel = use_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_f = self.weight.shape[1]
+        if self.use_kernel and x.numel() <= kernels.dense_kernel_tokens(self.weight) * in_f:
+            y = kernels.dense_matmul(x.reshape(-1, in_f), self.weight)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.to(x.dtype).reshape(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -289,8 +301,13 @@ def _linear(name: str, state: dict[str, torch.Tensor], quantized: dict, dtype: t
         return QuantLinear.from_quantized(quantized.pop(f"{name}.weight"), bias, backend, device=device)
     if f"{name}.weight" not in state:
         raise InfoptError(f"checkpoint lacks {name}.weight")
-    weight = state.pop(f"{name}.weight").to(dtype)
-    return DenseLinear(weight, None if bias is None else bias.to(dtype))
+    weight = state.pop(f"{name}.weight").to(dtype).contiguous()
+    return DenseLinear(weight, None if bias is None else bias.to(dtype), _dense_kernels(backend, device))
+
+
+def _dense_kernels(backend: str | None, device: str) -> bool:
+    """Whether dense linears use the C++ kernel: on the CPU with backend "ext", or None when it loads."""
+    return device == "cpu" and backend in (None, "ext") and kernels.available()
 
 
 def build_engine_model(config: dict, state: dict[str, torch.Tensor], quantized: dict,
@@ -326,7 +343,7 @@ def build_engine_model(config: dict, state: dict[str, torch.Tensor], quantized: 
     if "lm_head.weight" in state or "lm_head.weight" in quantized:
         lm_head = _linear("lm_head", state, quantized, dtype, backend, device)
     else:  # tied embeddings
-        lm_head = DenseLinear(embed, None)
+        lm_head = DenseLinear(embed, None, _dense_kernels(backend, device))
     rope = rope_parameters(config)
     rotary = Rotary(*rope_frequencies(rope, shape.head_dim, shape.max_positions))
     model = EngineModel(shape, embed, layers, norm(f"{prefix}norm.weight"), lm_head, rotary, dtype)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from infopt.runtime.kernels.build import available, reason
-from infopt.runtime.kernels.ops import dense_weight, kernel_matmul, tiled_matmul
+from infopt.runtime.kernels.ops import dense_kernel_tokens, dense_matmul, dense_weight, kernel_matmul, tiled_matmul
 from infopt.runtime.kernels.packing import PackedWeight, Unpackable, dequantize_fp32, pack
 
-__all__ = ["PackedWeight", "Unpackable", "available", "dense_weight", "dequantize_fp32", "kernel_matmul", "matmul",
+__all__ = ["PackedWeight", "Unpackable", "available", "dense_kernel_tokens", "dense_matmul", "dense_weight", "dequantize_fp32", "kernel_matmul", "matmul",
            "pack", "reason", "tiled_matmul"]
 
 # Above this many tokens the kernel hands over to dequantize-a-tile + dense GEMM. On the development machine

@@ -37,7 +37,7 @@
 namespace {
 
 constexpr int64_t kRows = 4;       // rows per tile of the packed layout
-constexpr int64_t kBatchTile = 4;  // activation rows per register tile (4 rows x 4 tokens = 16 accumulators)
+constexpr int kBatchTile = 4;  // activation rows per register tile (4 rows x 4 tokens = 16 accumulators)
 // Software prefetch distance along a tile stream. The hardware prefetchers alone left 2-4 token products from
 // DRAM up to 2.5x slower than the same products on L3-resident weights on the development machine (AMD EPYC,
 // Zen 5); prefetching 4-16 KiB ahead closed that gap (measured with one thread on a busy machine).
@@ -263,40 +263,115 @@ void tile_dot(const Weight& w, const Dec& dec, int64_t t, const float* x, int64_
   acc.store(y, w.out, t * kRows, w.out);
 }
 
-// Calls f(std::integral_constant<int, NB>) with NB = n in 1..4.
-template <typename F>
+// Calls f(std::integral_constant<int, NB>) with NB = n in 1..kMax.
+template <int kMax, typename F>
 void with_batch(int64_t n, F f) {
+  static_assert(kMax == 4 || kMax == 6);
   switch (n) {
     case 1: f(std::integral_constant<int, 1>{}); break;
     case 2: f(std::integral_constant<int, 2>{}); break;
     case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: if constexpr (kMax >= 5) f(std::integral_constant<int, 5>{}); break;
+    default: if constexpr (kMax >= 6) f(std::integral_constant<int, 6>{}); break;
   }
 }
 
-// Runs all tiles against slices of up to 4 activation rows, in parallel over tiles (at least ~64 KiB of packed
-// weight per task, so small layers stay on one thread). With more than 4 activation rows the slices loop inside
-// chunks of tiles (kChunkBytes), so slices after the first re-read those weight bytes from L2 rather than memory.
-// (Measured: 4-row x 4-token register tiles beat 2-row x 8-token ones by up to 25% at 8-16 tokens.)
+// Runs tiles [0, tiles) of tile_bytes weight bytes each against slices of up to kMax activation rows, in parallel
+// over tiles (at least ~64 KiB of weight per task, so small layers stay on one thread): tile(NB constant, t, first
+// activation row). With more than kMax activation rows the slices loop inside chunks of tiles (kChunkBytes), so
+// slices after the first re-read those weight bytes from L2 rather than memory.
+template <int kMax, typename F>
+void for_tiles(int64_t tiles, int64_t tile_bytes, int64_t rows, F tile) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / tile_bytes);
+  const int64_t chunk = rows <= kMax ? tiles : std::max<int64_t>(1, kChunkBytes / tile_bytes);
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t c0 = t0; c0 < t1; c0 += chunk) {
+      const int64_t c1 = std::min(t1, c0 + chunk);
+      for (int64_t b0 = 0; b0 < rows; b0 += kMax) {
+        with_batch<kMax>(std::min<int64_t>(kMax, rows - b0), [&](auto nb) {
+          for (int64_t t = c0; t < c1; ++t) tile(nb, t, b0);
+        });
+      }
+    }
+  });
+}
+
 template <int GPU, typename Dec>
 at::Tensor drive(const Weight& w, const Activations& x, const Dec& dec) {
   at::Tensor y = at::empty({x.rows, w.out}, at::TensorOptions().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   if (x.rows == 0 || w.out == 0) return y;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / w.tile_bytes);
-  const int64_t chunk = x.rows <= kBatchTile ? w.tiles : std::max<int64_t>(1, kChunkBytes / w.tile_bytes);
-  at::parallel_for(0, w.tiles, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t c0 = t0; c0 < t1; c0 += chunk) {
-      const int64_t c1 = std::min(t1, c0 + chunk);
-      for (int64_t b0 = 0; b0 < x.rows; b0 += kBatchTile) {
-        with_batch(std::min(kBatchTile, x.rows - b0), [&](auto nb) {
-          constexpr int NB = decltype(nb)::value;
-          const float* xb = x.data + b0 * x.ld;
-          for (int64_t t = c0; t < c1; ++t) tile_dot<kRows, NB, GPU>(w, dec, t, xb, x.ld, yp + b0 * w.out);
-        });
-      }
-    }
+  for_tiles<kBatchTile>(w.tiles, w.tile_bytes, x.rows, [&](auto nb, int64_t t, int64_t b0) {
+    constexpr int NB = decltype(nb)::value;
+    tile_dot<kRows, NB, GPU>(w, dec, t, x.data + b0 * x.ld, x.ld, yp + b0 * w.out);
   });
+  return y;
+}
+
+// Dense weights, fp32 or bf16 [out, in] row-major as nn.Linear holds them (no repacking): a tile is 4 row
+// streams read side by side. Memory-bound like the quantized kernels; it exists because torch's fp32 GEMM here
+// (MKL without an AVX-512 path on this AMD CPU) runs 2-8 token products at about half its 1-token bandwidth, which
+// made verifying a speculative draft cost two decode steps.
+INFOPT_INLINE __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+INFOPT_INLINE __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is exact: the bits move up 16 places
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+// Per row stream; 4 streams x 2 KiB ahead is the 8 KiB the tiled layouts prefetch.
+constexpr int64_t kDensePrefetchBytes = 2048;
+// Without decoding work, 4 rows x 6 tokens (24 accumulators) fit the 32 registers and cover a K=5 speculative check.
+constexpr int kDenseBatchTile = 6;
+
+template <int NB, typename T>
+void dense_tile(const T* w, int64_t in, int64_t out, int64_t t, const float* x, float* y) {
+  constexpr int R = kRows;
+  const T* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = w + std::min(t * R + r, out - 1) * in;  // padding rows repeat the last
+  Acc<R, NB> acc;
+  auto step = [&](int64_t col, auto odd) INFOPT_LAMBDA_INLINE {
+    __m512 wv[R];
+    unroll<R>([&](auto r) INFOPT_LAMBDA_INLINE { wv[r] = load16(rows[r] + col); });
+    acc.template fma<decltype(odd)::value>(wv, x, in, col);
+  };
+  int64_t col = 0;
+  for (; col + 32 <= in; col += 32) {
+    unroll<R>([&](auto r) INFOPT_LAMBDA_INLINE {
+      const char* ahead = reinterpret_cast<const char*>(rows[r] + col) + kDensePrefetchBytes;
+      for (int64_t b = 0; b < int64_t{32} * int64_t{sizeof(T)}; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+    });
+    step(col, std::false_type{});
+    step(col + 16, std::true_type{});
+  }
+  if (col < in) step(col, std::false_type{});
+  acc.store(y, out, t * R, out);
+}
+
+at::Tensor dense_mm(const at::Tensor& x_in, const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.device().is_cpu(),
+              "weight must be a contiguous 2-D CPU tensor [out_features, in_features]");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
+              "dense weight must be float32 or bfloat16");
+  const int64_t out = weight.size(0), in = weight.size(1);
+  TORCH_CHECK(in % 16 == 0, "dense kernel needs in_features divisible by 16");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == in, "x must be [tokens, in_features] matching the weight");
+  const Activations x = prepare(x_in, in, std::nullopt);
+  at::Tensor y = at::empty({x.rows, out}, at::TensorOptions().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  if (x.rows == 0 || out == 0) return y;
+  const int64_t tiles = (out + kRows - 1) / kRows;
+  const int64_t tile_bytes = kRows * in * static_cast<int64_t>(weight.element_size());
+  auto run = [&](const auto* w) {
+    for_tiles<kDenseBatchTile>(tiles, tile_bytes, x.rows, [&](auto nb, int64_t t, int64_t b0) {
+      constexpr int NB = decltype(nb)::value;
+      dense_tile<NB>(w, in, out, t, x.data + b0 * in, yp + b0 * out);
+    });
+  };
+  if (weight.scalar_type() == at::kFloat) {
+    run(weight.data_ptr<float>());
+  } else {
+    run(weight.data_ptr<c10::BFloat16>());
+  }
   return y;
 }
 
@@ -391,4 +466,5 @@ TORCH_LIBRARY(infopt_kernels, m) {
   m.def("int8_mm", &int8_mm);
   m.def("lut4_dequant", &lut4_dequant);
   m.def("int8_dequant", &int8_dequant);
+  m.def("dense_mm", &dense_mm);
 }

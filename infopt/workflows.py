@@ -31,6 +31,7 @@ from infopt.quant.driver import LayerResult, iter_results, load_part, part_path,
 from infopt.quant.awq import AWQConfig, AWQMethod
 from infopt.quant.gptq import GPTQConfig, GPTQMethod
 from infopt.quant.nf4 import quantize_4bit
+from infopt.quant.precision import FORWARD_DTYPES, resolve_forward_dtype
 from infopt.quant.rtn import Storage, quantize_rtn
 from infopt.quant.spec import QuantPlan, QuantSpec, build_plan
 
@@ -101,6 +102,7 @@ class QuantizeRequest:
     resume: bool = False
     offload_activations: bool = False
     activation_dtype: torch.dtype | None = None
+    forward_dtype: str = "auto"  # layer forwards' matmuls: auto, float32 or bfloat16 (see resolve_forward_dtype)
     # nf4 / fp4 (bitsandbytes)
     block_size: int = 64
     double_quant: bool = False
@@ -236,7 +238,8 @@ def _fingerprint(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, windows
     settings = {"model": str(model.path.resolve()), "files": files, "config": model.config, "method": req.method,
                 "plan": [(e.module, e.spec.describe() if e.spec else None) for e in plan.entries],
                 "gptq": req.gptq.__dict__, "awq": req.awq.__dict__, "storage": str(storage), "fmt": req.format_name,
-                "activation_dtype": str(req.activation_dtype)}
+                "activation_dtype": str(req.activation_dtype),
+                "forward_dtype": str(resolve_forward_dtype(req.forward_dtype, req.method, resolve_device(req.device)))}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     digest.update(windows.numpy().tobytes())
     return digest.hexdigest()
@@ -256,14 +259,16 @@ def _run_calibrated(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, fmt:
     else:
         method = GPTQMethod(config, fmt.storage)
     specs = {e.module: e.spec for e in plan.quantized}
+    forward_dtype = resolve_forward_dtype(req.forward_dtype, req.method, str(stream.device))
     timing = run_layers(stream, windows, specs, method, work_dir, done, req.activation_dtype,
-                        req.offload_activations, progress)
+                        req.offload_activations, progress, forward_dtype)
     info = {}
     for _, result in iter_results(work_dir, stream.num_layers):
         info.update(result.info)
     details = {"calibration": {"source": req.calib, "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
                                "seed": req.calib_seed},
                req.method: (config if req.method == "gptq" else req.awq).__dict__, "device": str(stream.device),
+               "forward_dtype": str(forward_dtype or torch.float32).removeprefix("torch."),
                **timing, "layer_info": info, "notes": _scale_notes(info)}
     return work_dir, details
 
@@ -276,6 +281,10 @@ def _check_method_options(req: QuantizeRequest) -> None:
         raise InfoptError(f"--method {req.method} needs no calibration; drop --calib/--resume")
     if req.method not in FOUR_BIT_METHODS and req.double_quant:
         raise InfoptError("--double-quant applies to --method nf4/fp4 only")
+    if req.forward_dtype not in FORWARD_DTYPES:
+        raise InfoptError(f"invalid --forward-dtype {req.forward_dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
+    if req.method not in CALIBRATED and req.forward_dtype != "auto":
+        raise InfoptError(f"--forward-dtype applies to calibrated methods (gptq, awq), not {req.method}")
 
 
 def _scale_notes(info: dict[str, dict]) -> list[str]:

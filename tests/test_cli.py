@@ -65,6 +65,9 @@ def test_bad_models_fail_cleanly(case, words, broken_models, tmp_path):
     (["--method", "gptq", "--group-size", "-1", "--calib", "tinystories", "--damp", "2"], "invalid --damp"),
     (["--method", "gptq", "--group-size", "-1", "--calib", "nope.txt"], "nope.txt"),
     (["--format", "gguf"], "not available"),
+    (["--method", "gptq", "--group-size", "-1", "--calib", "tinystories", "--forward-dtype", "half"],
+     "invalid --forward-dtype"),
+    (["--bits", "8", "--group-size", "-1", "--forward-dtype", "bfloat16"], "applies to calibrated methods"),
 ])
 def test_bad_options_fail_cleanly(args, words, stories_hf, tmp_path):
     out = tmp_path / "out"

@@ -204,3 +204,74 @@ def test_attention_reuse_is_rejected_when_the_attention_does_more_than_its_proje
     monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", scaled)
     report = _gptq(tiny_llama, tmp_path / "a")
     assert report["attention_reuse"] == {"reused": 0, "rejected": 2}
+
+
+def test_symmetric_hessian_accumulation_equals_the_full_product():
+    g = torch.Generator().manual_seed(1)
+    parts = [torch.randn(300, 200, generator=g) * torch.linspace(0.1, 4, 200) for _ in range(3)]
+    hessian = Hessian(200)  # 200 columns: one whole 128-column block and a partial one
+    for x in parts:
+        hessian.add(x)
+    x = torch.cat(parts).double()
+    expected = 2 * x.T @ x / x.shape[0]
+    got = hessian.matrix()
+    assert torch.equal(got, got.T)
+    assert float((got.double() - expected).abs().max() / expected.abs().max()) < 2e-6
+
+
+def test_fast_fp32_products_stay_fp32_accurate():
+    """precision.fast_fp32_products lets oneDNN use its bf16 fpmath mode; it must stay fp32-accurate here."""
+    from infopt.quant.precision import fast_fp32_products
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 384, generator=g) * torch.rand(384, generator=g) * 10
+    w = torch.randn(256, 384, generator=g)
+    with fast_fp32_products(torch.device("cpu")):
+        h = torch.zeros(384, 384).addmm_(x.T, x)
+        y = torch.nn.functional.linear(x, w)
+    exact_h, exact_y = x.double().T @ x.double(), x.double() @ w.double().T
+    assert float((h.double() - exact_h).abs().max() / exact_h.abs().max()) < 1e-5
+    assert float((y.double() - exact_y).abs().max() / exact_y.abs().max()) < 1e-5  # plain bf16: ~3e-3
+
+
+def test_linears_sharing_an_input_quantize_as_one_stacked_matrix():
+    from infopt.quant.gptq import GPTQMethod
+
+    weight, hessian = _problem(out_f=96)
+    spec, method = QuantSpec(4, 64, False), GPTQMethod(GPTQConfig())
+    parts = [weight[:32], weight[32:48], weight[48:]]
+    together = method._quantize_together(parts, hessian, spec)
+    for part, out in zip(parts, together):
+        alone = gptq_quantize(part, hessian, spec)
+        assert out.weight.codes.shape == part.shape
+        assert (out.weight.codes == alone.weight.codes).float().mean() > 0.99  # rows are independent given H
+        assert out.output_error == pytest.approx(alone.output_error, rel=0.05)
+
+
+@pytest.mark.parametrize("choice,expected", [("float32", None), ("bfloat16", torch.bfloat16)])
+def test_forward_dtype_choices(choice, expected):
+    from infopt.quant.precision import resolve_forward_dtype
+
+    assert resolve_forward_dtype(choice, "gptq", "cpu") is expected
+    assert resolve_forward_dtype("auto", "awq", "cpu") is None  # AWQ's grid search stays fp32
+    with pytest.raises(InfoptError, match="--forward-dtype"):
+        resolve_forward_dtype("half", "gptq", "cpu")
+
+
+def test_bf16_forwards_change_little_and_keep_fp32_attention(tiny_llama, tmp_path):
+    from infopt.formats.registry import read_quantized
+    from infopt.models.loading import open_model
+
+    def codes(folder):
+        model = open_model(str(folder))
+        return read_quantized(model.files, model.config)[0]
+
+    exact, fast = tmp_path / "fp32", tmp_path / "bf16"
+    report = _gptq(tiny_llama, exact, forward_dtype="float32")
+    report_fast = _gptq(tiny_llama, fast, forward_dtype="bfloat16")
+    assert report["forward_dtype"] == "float32" and report_fast["forward_dtype"] == "bfloat16"
+    assert torch.nn.functional.scaled_dot_product_attention.__name__ == "scaled_dot_product_attention"  # restored
+    a, b = codes(exact), codes(fast)
+    same = [float((a[k].codes == b[k].codes).float().mean()) for k in a]
+    assert min(same) > 0.8 and sum(same) / len(same) > 0.9
+    assert _bytes(exact) != _bytes(fast)  # the option does take effect

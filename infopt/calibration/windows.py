@@ -11,6 +11,9 @@ from infopt.errors import InfoptError
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one id sequence (with the tokenizer's BOS, once, as the papers do)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # a fast tokenizer: the same ids without the Python-side batch conversion (~2x faster)
+        return torch.tensor(backend.encode(text, add_special_tokens=True).ids, dtype=torch.long)
     import transformers
 
     verbosity = transformers.logging.get_verbosity()

@@ -90,6 +90,7 @@ def quantize(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
     offload_activations: bool = typer.Option(False, "--offload-activations", help="Keep calibration activations on disk."),
     activation_dtype: Optional[str] = typer.Option(None, "--activation-dtype", help="Store calibration activations as float32, bfloat16 or float16."),
+    forward_dtype: str = typer.Option("auto", "--forward-dtype", help="Matmuls of the calibration forwards: auto (bfloat16 for GPTQ where bf16 is native, else float32), float32 or bfloat16. Weights and the quantization stay float32."),
     eval_dataset: Optional[str] = typer.Option(None, "--eval", help="Measure perplexity vs the source on this dataset and record it in the model card."),
     eval_max_windows: Optional[int] = typer.Option(None, "--eval-max-windows", help="Limit the windows --eval uses."),
     allow_pickle: bool = ALLOW_PICKLE,
@@ -112,7 +113,7 @@ def quantize(
                           text_field=text_field, gptq=GPTQConfig(damp, gptq_block_size, act_order, static_groups),
                           device=device, resume=resume, offload_activations=offload_activations,
                           activation_dtype=parse_dtype(activation_dtype) if activation_dtype else None,
-                          block_size=block_size, double_quant=double_quant,
+                          forward_dtype=forward_dtype, block_size=block_size, double_quant=double_quant,
                           awq=AWQConfig(grid=awq_grid, duo_scaling=duo_scaling, clip=awq_clip,
                                         search_tokens=awq_search_tokens))
     if not dry_run and out is None:

@@ -27,6 +27,7 @@ from torch import nn
 from infopt.errors import InfoptError
 from infopt.memory import return_freed_memory
 from infopt.models.streaming import LayerStream, _StopForward, move_kwargs
+from infopt.quant.precision import fp32_attention
 from infopt.quant.rtn import QuantizedWeight
 from infopt.quant.spec import QuantSpec
 
@@ -79,7 +80,8 @@ class LayerContext:
 
     def __init__(self, index: int, layer: nn.Module, groups: list[list[Linear]], inputs: ActivationStore,
                  kwargs: dict, device: torch.device, dtype: torch.dtype, micro_batch: int,
-                 attention: tuple[str, str] | None = None, cache_file: Path | None = None):
+                 attention: tuple[str, str] | None = None, cache_file: Path | None = None,
+                 forward_dtype: torch.dtype | None = None):
         self.index = index
         self.layer = layer
         self.groups = groups
@@ -98,6 +100,18 @@ class LayerContext:
         self._verified = False
         self._batch_start = 0
         self.attention_outcome: str | None = None  # "reused" or "rejected" once a replaced call was checked
+        self.forward_dtype = forward_dtype  # matmuls of layer forwards in this dtype (autocast); None: as stored
+
+    def _forward_precision(self):
+        """Reduced-precision layer forwards (forward_dtype): linears under autocast, the fp32 weights stay the
+        masters; attention stays fp32 on the CPU (see precision.fp32_attention)."""
+        if self.forward_dtype is None or self.forward_dtype == self.dtype:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(self.device.type, dtype=self.forward_dtype))
+        if self.device.type == "cpu":
+            stack.enter_context(fp32_attention())
+        return stack
 
     def _batches(self):
         for start in range(0, len(self.inputs), self.micro_batch):
@@ -106,7 +120,7 @@ class LayerContext:
 
     def run(self, outputs: ActivationStore | None = None) -> None:
         """The layer on every calibration window; outputs stored when a store is given."""
-        with torch.no_grad(), self._reused_attention():
+        with torch.no_grad(), self._forward_precision(), self._reused_attention():
             for start, batch in self._batches():
                 out = self.layer(batch, **self.kwargs)
                 out = out[0] if isinstance(out, tuple) else out
@@ -130,7 +144,7 @@ class LayerContext:
 
         handle = module.register_forward_pre_hook(hook)
         try:
-            with torch.no_grad(), self._reused_attention():
+            with torch.no_grad(), self._forward_precision(), self._reused_attention():
                 for _, batch in self._batches():
                     try:
                         self.layer(batch, **self.kwargs)
@@ -253,8 +267,12 @@ def prepare_work_dir(work_dir: Path, fingerprint: str, resume: bool, force: bool
 
 def run_layers(stream: LayerStream, windows: torch.Tensor, specs: dict[str, QuantSpec], method: CalibratedMethod,
                work_dir: Path, done: int = 0, activation_dtype: torch.dtype | None = None,
-               offload: bool = False, progress: Progress | None = None) -> dict:
-    """Quantize every decoder layer in turn; results land in `work_dir` as one part file per layer."""
+               offload: bool = False, progress: Progress | None = None,
+               forward_dtype: torch.dtype | None = None) -> dict:
+    """Quantize every decoder layer in turn; results land in `work_dir` as one part file per layer.
+
+    forward_dtype (e.g. bfloat16): the layer forwards' matrix products run in it under autocast, while weights,
+    the quantization itself and the stored activations keep their own dtypes."""
     start_time = time.perf_counter()
     inputs = stream.capture_inputs(windows)
     store_dtype = activation_dtype or stream.dtype
@@ -279,7 +297,7 @@ def run_layers(stream: LayerStream, windows: torch.Tensor, specs: dict[str, Quan
                 groups.append(members)
         attention = (stream.adapter.attention, stream.adapter.attention_out)
         ctx = LayerContext(index, layer, groups, current, inputs.kwargs[index], stream.device, stream.dtype,
-                           micro_batch, attention, work_dir / "attention.npy" if offload else None)
+                           micro_batch, attention, work_dir / "attention.npy" if offload else None, forward_dtype)
         if index < done:
             _apply(ctx, prefix, load_part(part_path(work_dir, index)))
         else:

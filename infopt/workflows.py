@@ -31,7 +31,7 @@ from infopt.quant.driver import LayerResult, iter_results, load_part, part_path,
 from infopt.quant.awq import AWQConfig, AWQMethod
 from infopt.quant.gptq import GPTQConfig, GPTQMethod
 from infopt.quant.nf4 import quantize_4bit
-from infopt.quant.precision import FORWARD_DTYPES, resolve_forward_dtype
+from infopt.quant.precision import resolve_forward_dtype
 from infopt.quant.rtn import Storage, quantize_rtn
 from infopt.quant.spec import QuantPlan, QuantSpec, build_plan
 
@@ -281,8 +281,7 @@ def _check_method_options(req: QuantizeRequest) -> None:
         raise InfoptError(f"--method {req.method} needs no calibration; drop --calib/--resume")
     if req.method not in FOUR_BIT_METHODS and req.double_quant:
         raise InfoptError("--double-quant applies to --method nf4/fp4 only")
-    if req.forward_dtype not in FORWARD_DTYPES:
-        raise InfoptError(f"invalid --forward-dtype {req.forward_dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
+    resolve_forward_dtype(req.forward_dtype, req.method, "cpu")  # refuses an unknown choice
     if req.method not in CALIBRATED and req.forward_dtype != "auto":
         raise InfoptError(f"--forward-dtype applies to calibrated methods (gptq, awq), not {req.method}")
 

@@ -114,6 +114,9 @@ def methods(out_f: int, in_f: int, tokens: int, working_set: int) -> list[Method
     p4, p8 = kernels.pack(q4), kernels.pack(q8)
     if kernels.available():
         add("ext int4 g128", lambda: kernels.pack(q4), lambda p: ops.kernel_matmul(x, p), p4.nbytes, ref4)
+        if kernels.has_vnni():  # int8-rounded activations (--kernels ext-a8)
+            add("ext int4 g128, int8 x", lambda: kernels.pack(q4), lambda p: ops.kernel_matmul_a8(x, p), p4.nbytes,
+                ref4)
         add("ext int8", lambda: kernels.pack(q8), lambda p: ops.kernel_matmul(x, p), p8.nbytes, ref8)
     add("torch fallback int4 (lean)", lambda: kernels.pack(q4),
         lambda p: ops.tiled_matmul(x, p, use_kernels=False), p4.nbytes, ref4)

@@ -18,6 +18,7 @@ from infopt.paths import require_data_file
 from infopt.runtime.engine import Engine, SamplingParams
 from infopt.runtime.kv_cache import KVCache
 from infopt.runtime.model import load_engine_model
+from infopt.runtime.runner import draft_backend
 from infopt.runtime.speculative import ModelDrafter, NgramDrafter, SpeculativeEngine, draft_cache_for, self_draft
 
 KS = (2, 4, 6)
@@ -74,7 +75,7 @@ def section(bench_model: Path, stories: Path, widened: Path, repeats: int = 3) -
              "forward | same tokens |", "|---|---|---|---|---|---|---|---|"]
     target = load_engine_model(open_model(str(bench_model)))
     stories_model = load_engine_model(open_model(str(stories)))
-    self_int4 = self_draft(open_model(str(bench_model)), "int4", torch.float32)
+    self_int4 = self_draft(open_model(str(bench_model)), "int4", torch.float32, draft_backend(None))
     pairings = [
         ("bench model (5M, fp32) / stories260K", target,
          lambda cache, k: ModelDrafter(stories_model, draft_cache_for(stories_model, cache, 1, k))),
@@ -86,9 +87,12 @@ def section(bench_model: Path, stories: Path, widened: Path, repeats: int = 3) -
         lines += pairing_rows(label, model, make, prompts, 128, repeats)
     wide = load_engine_model(open_model(str(widened)))
     label = f"bench model widened {WIDEN}x ({wide.weight_bytes / 4e6:.0f}M, fp32)"  # fp32: 4 bytes a weight
-    for name in ("int4", "int8"):
-        draft = self_draft(open_model(str(widened)), name, torch.float32)
-        lines += pairing_rows(f"{label} / self:{name}", wide,
+    # self drafts as `infopt run --draft self:...` builds them (int8 activations where the CPU has VNNI), and the
+    # int4 draft on the exact kernels (`--kernels ext`) for comparison
+    for name, backend, suffix in (("int4", draft_backend(None), ""), ("int4", "ext", " (`--kernels ext`)"),
+                                  ("int8", draft_backend(None), "")):
+        draft = self_draft(open_model(str(widened)), name, torch.float32, backend)
+        lines += pairing_rows(f"{label} / self:{name}{suffix}", wide,
                               lambda cache, k, d=draft: ModelDrafter(d, draft_cache_for(d, cache, 1, k)),
                               prompts[:3], 96, 2)
         del draft

@@ -301,6 +301,81 @@ def test_dense_linear_sends_decode_batches_to_the_kernel(monkeypatch, dtype):
     assert calls == [1, limit]  # prefill-sized inputs stay with torch
 
 
+needs_vnni = pytest.mark.skipif(not kernels.has_vnni(), reason="the int8-activation kernel needs AVX512-VNNI")
+# (out, in, bits, group, symmetric, act_order): the weights the W4A8 kernel takes (int codes, whole 128-column groups)
+A8_CASES = [
+    (130, 512, 4, 128, True, False),
+    (64, 768, 4, 256, False, False),
+    (33, 100, 4, -1, False, False),  # per channel, padded to a unit
+    (64, 384, 4, 128, False, True),  # act-order
+    (48, 256, 3, 128, False, False),
+    (40, 384, 2, -1, True, False),
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize("case", A8_CASES, ids=_case_id)
+@pytest.mark.parametrize("tokens", [1, 3, 4, 5, 9])
+def test_int8_activation_kernel_matches_its_reference(case, tokens):
+    weight = _weight(*case)
+    packed = kernels.pack(weight)
+    assert ops.int8_activation_eligible(packed)
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, weight.shape[1], generator=gen) * torch.linspace(0.1, 3, weight.shape[1])
+    x[0, : min(64, weight.shape[1])] = 0  # an all-zero slice (amax 0) in the first unit
+    y = ops.kernel_matmul_a8(x, packed)
+    assert y.shape == (tokens, weight.shape[0]) and torch.isfinite(y).all()
+    rows = ops.torch_dequantize(packed, 0, weight.shape[0])  # packed column order, like the reference's x
+    want = ops.quantize_activations_reference(x, packed).double() @ rows.double().T
+    assert _rel(y, want) < TOL  # exact integer dot products; fp32 scaling and sums
+    exact = _rel(y, _reference(x, weight.dequantize()))
+    assert 1e-5 < exact < 2e-2  # int8 activations: close to the exact product, but not equal to it
+
+
+@needs_vnni
+def test_int8_activation_kernel_takes_bf16_and_is_thread_invariant():
+    packed = kernels.pack(_weight(256, 4096, 4, 128, False))
+    x = torch.randn(6, 4096)
+    assert torch.equal(ops.kernel_matmul_a8(x.bfloat16(), packed), ops.kernel_matmul_a8(x.bfloat16().float(), packed))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.kernel_matmul_a8(x, packed)
+        torch.set_num_threads(2)
+        two = ops.kernel_matmul_a8(x, packed)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@needs_vnni
+def test_int8_activation_backend_only_takes_eligible_weights():
+    nf4 = kernels.pack(quantize_4bit(torch.randn(64, 256), "nf4", 64, False))
+    small_groups = kernels.pack(_weight(64, 256, 4, 32, True))
+    int8 = kernels.pack(_weight(64, 256, 8, -1, True))
+    assert not any(ops.int8_activation_eligible(p) for p in (nf4, small_groups, int8))
+    x = torch.randn(2, 256)
+    for weight in (_weight(64, 256, 4, 32, True), _weight(64, 256, 8, -1, True)):
+        layer = QuantLinear.from_quantized(weight, backend="ext-a8")
+        assert layer.backend == "ext" and "int8 activations" in layer.note
+        assert _rel(layer(x), _reference(x, weight.dequantize())) < TOL  # exact, as "ext"
+    weight = _weight(64, 256, 4, 128, False)
+    layer = QuantLinear.from_quantized(weight, torch.randn(64), backend="ext-a8")
+    assert layer.backend == "ext-a8"
+    assert 1e-5 < _rel(layer(x) - layer.bias, _reference(x, weight.dequantize())) < 2e-2
+
+
+def test_int8_activation_backend_needs_vnni(monkeypatch):
+    monkeypatch.setattr(build, "has_vnni", lambda: False)
+    weight = _weight(64, 256, 4, 128, False)
+    if kernels.available():
+        layer = QuantLinear.from_quantized(weight, backend="ext-a8")
+        assert layer.backend == "ext" and "VNNI" in layer.note
+    else:
+        with pytest.raises(InfoptError, match="unavailable"):
+            QuantLinear.from_quantized(weight, backend="ext-a8")
+
+
 def _quantized_llama(tmp_path):
     import transformers
 

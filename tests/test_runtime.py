@@ -146,10 +146,61 @@ def test_quantized_logits_match_the_dequantized_model(quantized_dirs, name):
     for backend in ("ext", "torch"):
         model = load_engine_model(model_dir, backend=backend)
         packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
-        assert len(packed) == 14 and all(m.packed is not None or backend == "torch" for m in packed)
+        # every linear's rows (q/k/v and gate/up fused where their layouts match): 2 layers x 2048 rows
+        assert sum(m.out_features for m in packed) == 2 * 2048 and 8 <= len(packed) <= 14
+        assert all(m.packed is not None or backend == "torch" for m in packed)
         by_backend[backend] = _stepwise_logits(model, ids, 9)
         assert _rel(by_backend[backend], want) < 1e-3, backend
     assert _rel(by_backend["ext"], by_backend["torch"]) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["ct-int4-g128-asym", "awq-gemm", "ct-int4-g32-sym"])
+def test_int8_activation_backend_stays_close_to_the_exact_kernels(quantized_dirs, name):
+    from infopt.runtime import kernels
+    from infopt.runtime.qlinear import QuantLinear
+
+    if not kernels.has_vnni():
+        pytest.skip("the int8-activation kernel needs AVX512-VNNI")
+    model_dir = open_model(str(quantized_dirs[name]))
+    ids = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(3))
+    exact = _stepwise_logits(load_engine_model(model_dir, backend="ext"), ids, 9)
+    model = load_engine_model(model_dir, backend="ext-a8")
+    backends = {m.backend for m in model.modules() if isinstance(m, QuantLinear)}
+    assert backends == ({"ext"} if name == "ct-int4-g32-sym" else {"ext-a8"})  # groups of 32: the exact kernel
+    a8 = _stepwise_logits(model, ids, 9)
+    if name == "ct-int4-g32-sym":
+        assert torch.equal(a8, exact)
+    else:
+        assert 1e-6 < _rel(a8, exact) < 5e-2
+
+
+def test_cli_kernels_choice(quantized_dirs):
+    path = str(quantized_dirs["ct-int4-g128-asym"])
+    runs = {k: run_cli("run", path, "--prompt", "Once", "--max-new-tokens", "6", "--kernels", k, "--json")
+            for k in ("ext", "ext-a8", "torch")}
+    for kernel, result in runs.items():
+        assert result.returncode == 0, (kernel, result.stderr)
+        assert len(json.loads(result.stdout)["requests"][0]["samples"][0]["tokens"]) == 6
+    bad = run_cli("run", path, "--prompt", "Once", "--max-new-tokens", "2", "--kernels", "fast")
+    assert bad.returncode != 0 and "invalid backend 'fast'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["ct-int4-g128-asym", "ct-int8-channel", "gptq-act-order", "bnb-nf4"])
+def test_fused_projections_compute_what_separate_ones_do(quantized_dirs, stories_hf, name):
+    from infopt.runtime.model import Projections
+
+    model_dir = open_model(str(quantized_dirs[name]))
+    fused, separate = load_engine_model(model_dir), load_engine_model(model_dir, fuse=False)
+    projections = [m for m in fused.modules() if isinstance(m, Projections)]
+    assert len(projections) == 4 and all(p.fused is not None for p in projections)
+    assert all(p.fused is None for p in separate.modules() if isinstance(p, Projections))
+    ids = torch.randint(0, 512, (12,), generator=torch.Generator().manual_seed(4))
+    # decode-sized products go through the kernels, whose rows do not depend on their neighbours
+    assert torch.equal(_stepwise_logits(fused, ids, 1), _stepwise_logits(separate, ids, 1))
+    assert fused.weight_bytes == separate.weight_bytes
+    dense_fused, dense = load_engine_model(open_model(str(stories_hf))), load_engine_model(open_model(str(stories_hf)), fuse=False)
+    assert torch.equal(_stepwise_logits(dense_fused, ids, 1), _stepwise_logits(dense, ids, 1))
+    assert _rel(_stepwise_logits(dense_fused, ids, 12), _stepwise_logits(dense, ids, 12)) < 1e-5  # prefill: torch GEMM
 
 
 def test_quantized_model_holds_packed_weights(quantized_dirs):

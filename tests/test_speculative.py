@@ -9,6 +9,7 @@ from infopt.models.loading import open_model
 from infopt.runtime.engine import Engine, SamplingParams, Sequence
 from infopt.runtime.kv_cache import KVCache
 from infopt.runtime.model import load_engine_model
+from infopt.runtime.runner import draft_backend
 from infopt.runtime.speculative import ModelDrafter, NgramDrafter, SpeculativeEngine, draft_cache_for, self_draft, verify
 from tests.conftest import run_cli
 from tests.tiny_models import make_tiny_model
@@ -31,6 +32,7 @@ def drafts(stories_hf, tmp_path_factory, target):
     far = make_tiny_model("llama", tmp_path_factory.mktemp("far") / "m", vocab_size=512, seed=3)
     return {"self:int8": lambda: self_draft(open_model(str(stories_hf)), "int8", torch.float32),
             "self:int4": lambda: self_draft(open_model(str(stories_hf)), "int4", torch.float32),
+            "self:int4-a8": lambda: self_draft(open_model(str(stories_hf)), "int4", torch.float32, draft_backend(None)),
             "far": lambda: load_engine_model(open_model(str(far))),
             "same": lambda: target}
 
@@ -56,7 +58,7 @@ def _assert_no_leaks(cache: KVCache) -> None:
     assert cache.allocator.num_free == cache.allocator.num_blocks and set(cache.allocator.refcount) == {0}
 
 
-@pytest.mark.parametrize("draft", ["ngram", "self:int8", "self:int4", "far"])
+@pytest.mark.parametrize("draft", ["ngram", "self:int8", "self:int4", "self:int4-a8", "far"])
 @pytest.mark.parametrize("k", [1, 2, 4, 6])
 def test_greedy_output_is_identical_with_and_without_drafting(target, drafts, draft, k):
     params = SamplingParams(max_new_tokens=40)
@@ -74,6 +76,17 @@ def test_greedy_output_is_identical_with_and_without_drafting(target, drafts, dr
     assert engine.spec.rounds < 5 * 40 or draft in ("far", "ngram")  # drafting saved target forwards
     if draft == "self:int8":
         assert engine.spec.accepted / engine.spec.proposed > 0.7
+
+
+def test_drafts_default_to_int8_activations_where_the_cpu_has_them(drafts):
+    from infopt.runtime import kernels
+    from infopt.runtime.qlinear import QuantLinear
+
+    assert draft_backend("ext") == "ext" and draft_backend("torch") == "torch"  # an explicit --kernels is kept
+    assert draft_backend(None) == ("ext-a8" if kernels.has_vnni() else None)
+    if kernels.has_vnni():
+        linears = [m for m in drafts["self:int4-a8"]().modules() if isinstance(m, QuantLinear)]
+        assert linears and {m.backend for m in linears} == {"ext-a8"}
 
 
 def test_greedy_speculation_survives_preemption(target, drafts):

@@ -224,7 +224,7 @@ def run(
     block_size: int = typer.Option(16, "--block-size", min=1, help="Tokens per KV block."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most sequences decoded together."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto: on CUDA the runtime uses the Triton int4/int8 kernels."),
-    kernels: Optional[str] = typer.Option(None, "--kernels", help="Quantized-linear backend: ext (C++ kernels) or torch; default ext when it builds."),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help="Quantized-linear backend: ext (C++ kernels, exact), ext-a8 (int4 weights times int8-rounded activations on AVX512-VNNI: faster, not exact) or torch; default ext when it builds, and ext-a8 for --draft models."),
     draft: Optional[str] = typer.Option(None, "--draft", help="Speculative decoding: a draft model (same tokenizer), self:int4 / self:int8 (the target quantized on the fly), or ngram (prompt lookup)."),
     num_draft: int = typer.Option(4, "--num-draft", min=1, help="Draft tokens per speculative round (K)."),
     adaptive_draft: bool = typer.Option(False, "--adaptive-draft", help="Grow K after fully accepted drafts, shrink it after early rejections."),

@@ -188,19 +188,60 @@ class DenseLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
+    """One linear computing `parts` side by side (they read the same input), or None where they do not concatenate.
+
+    Decode steps then make one kernel call (and one pass over the input) instead of several; every output row is
+    computed exactly as before by the decode kernels.
+    """
+    from infopt.runtime.qlinear import QuantLinear, concat_bias
+
+    if all(isinstance(p, QuantLinear) for p in parts):
+        return QuantLinear.concat(parts)
+    if not all(isinstance(p, DenseLinear) for p in parts):
+        return None
+    weights = [p.weight for p in parts]
+    if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+        return None
+    bias = concat_bias([p.bias for p in parts], [w.shape[0] for w in weights])
+    return DenseLinear(torch.cat(weights), bias, parts[0].use_kernel)
+
+
+class Projections(nn.Module):
+    """Linears reading the same input (q/k/v, gate/up): one fused product where their weights concatenate."""
+
+    def __init__(self, parts: list[nn.Module], fuse: bool = True) -> None:
+        super().__init__()
+        self.sizes = [_out_features(p) for p in parts]
+        self.fused = fuse_linears(parts) if fuse and len(parts) > 1 else None
+        self.parts = nn.ModuleList([] if self.fused is not None else parts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fused is not None:
+            return self.fused(x).split(self.sizes, dim=-1)
+        return tuple(p(x) for p in self.parts)
+
+
+def _out_features(linear: nn.Module) -> int:
+    return linear.weight.shape[0] if isinstance(linear, DenseLinear) else linear.out_features
+
+
 class Attention(nn.Module):
-    def __init__(self, shape: ModelShape, layer: int, linears: dict[str, nn.Module], norms: dict[str, RMSNorm]) -> None:
+    def __init__(self, shape: ModelShape, layer: int, linears: dict[str, nn.Module], norms: dict[str, RMSNorm],
+                 fuse: bool = True) -> None:
         super().__init__()
         self.shape, self.layer = shape, layer
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (linears[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.qkv = Projections([linears[n] for n in ("q_proj", "k_proj", "v_proj")], fuse)
+        self.o_proj = linears["o_proj"]
         self.q_norm, self.k_norm = norms.get("q_norm"), norms.get("k_norm")
 
     def forward(self, x: torch.Tensor, layout: BatchLayout, cache: KVCache,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         s = self.shape
-        q = self.q_proj(x).view(-1, s.num_heads, s.head_dim)
-        k = self.k_proj(x).view(-1, s.num_kv_heads, s.head_dim)
-        v = self.v_proj(x).view(-1, s.num_kv_heads, s.head_dim)
+        q, k, v = self.qkv(x)
+        q = q.reshape(-1, s.num_heads, s.head_dim)
+        k = k.reshape(-1, s.num_kv_heads, s.head_dim)
+        v = v.reshape(-1, s.num_kv_heads, s.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
@@ -211,12 +252,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, linears: dict[str, nn.Module]) -> None:
+    def __init__(self, linears: dict[str, nn.Module], fuse: bool = True) -> None:
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = linears["gate_proj"], linears["up_proj"], linears["down_proj"]
+        self.gate_up = Projections([linears["gate_proj"], linears["up_proj"]], fuse)
+        self.down_proj = linears["down_proj"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -306,16 +349,17 @@ def _linear(name: str, state: dict[str, torch.Tensor], quantized: dict, dtype: t
 
 
 def _dense_kernels(backend: str | None, device: str) -> bool:
-    """Whether dense linears use the C++ kernel: on the CPU with backend "ext", or None when it loads."""
-    return device == "cpu" and backend in (None, "ext") and kernels.available()
+    """Whether dense linears use the C++ kernel: on the CPU with backend "ext" / "ext-a8", or None when it loads."""
+    return device == "cpu" and backend in (None, "ext", "ext-a8") and kernels.available()
 
 
 def build_engine_model(config: dict, state: dict[str, torch.Tensor], quantized: dict,
                        dtype: torch.dtype = torch.float32, backend: str | None = None,
-                       device: str = "cpu") -> EngineModel:
+                       device: str = "cpu", fuse: bool = True) -> EngineModel:
     """The compact model from a config dict, dense tensors and quantized weights (both consumed).
 
     On a CUDA device quantized weights use the Triton kernels (backend "triton") and dense ones move there.
+    With `fuse`, q/k/v and gate/up are concatenated into one product each where their layouts allow.
     """
     if device != "cpu":
         backend = "triton"
@@ -336,8 +380,8 @@ def build_engine_model(config: dict, state: dict[str, torch.Tensor], quantized: 
         lin |= {n: _linear(p + f"mlp.{n}", state, quantized, dtype, backend, device)
                 for n in ("gate_proj", "up_proj", "down_proj")}
         qk = {n: norm(p + f"self_attn.{n}.weight") for n in ("q_norm", "k_norm")} if shape.qk_norm else {}
-        attn = Attention(shape, i, lin, qk)
-        layers.append(DecoderLayer(attn, MLP(lin), norm(p + "input_layernorm.weight"),
+        attn = Attention(shape, i, lin, qk, fuse)
+        layers.append(DecoderLayer(attn, MLP(lin, fuse), norm(p + "input_layernorm.weight"),
                                    norm(p + "post_attention_layernorm.weight")))
     embed = state.pop(f"{prefix}embed_tokens.weight").to(dtype)
     if "lm_head.weight" in state or "lm_head.weight" in quantized:
@@ -351,7 +395,7 @@ def build_engine_model(config: dict, state: dict[str, torch.Tensor], quantized: 
 
 
 def load_engine_model(model_dir: ModelDir, dtype: torch.dtype = torch.float32, backend: str | None = None,
-                      device: str = "cpu") -> EngineModel:
+                      device: str = "cpu", fuse: bool = True) -> EngineModel:
     """The compact model for a checkpoint folder; quantized weights stay packed."""
     reason = unsupported_reason(model_dir.config)
     if reason:
@@ -363,4 +407,4 @@ def load_engine_model(model_dir: ModelDir, dtype: torch.dtype = torch.float32, b
 
         quantized, state = read_quantized(model_dir.files, model_dir.config)
         quantized = dict(quantized)
-    return build_engine_model(model_dir.config, dict(state), quantized, dtype, backend, device)
+    return build_engine_model(model_dir.config, dict(state), quantized, dtype, backend, device, fuse)

@@ -6,6 +6,9 @@
 Numbers: y = x @ w.T + bias in fp32 with w = (code - zero) * scale formed in fp32 (for fp32 scales exactly
 QuantizedWeight.dequantize()), returned in x's dtype. Backends:
   "ext":   the C++ kernels on the packed weight (infopt.runtime.kernels);
+  "ext-a8": the same, but int4 weights with linear codes in 128-column groups (or per channel) multiply int8-rounded
+           activations through AVX512-VNNI (faster, not exact: each token's 128-column slices are rounded to steps of
+           amax / 127); other weights, or a CPU without VNNI, get "ext";
   "torch": plain torch. By default the weight is dequantized to fp32 once at load (4 bytes a weight, fastest
            fallback); lean=True keeps it packed and dequantizes tile by tile on every call instead.
   "triton": on a CUDA device, the Triton int4/int8 kernels (infopt.runtime.kernels.triton_int4) on a GPU layout;
@@ -27,7 +30,7 @@ from infopt.quant.rtn import QuantizedWeight
 from infopt.runtime import kernels
 from infopt.runtime.kernels import PackedWeight, Unpackable
 
-BACKENDS = ("ext", "torch", "triton")
+BACKENDS = ("ext", "ext-a8", "torch", "triton")
 
 
 class QuantLinear(nn.Module):
@@ -59,7 +62,7 @@ class QuantLinear(nn.Module):
         if backend is None:
             backend = "ext" if kernels.available() else "torch"
             note = "" if backend == "ext" else f"extension unavailable: {kernels.reason()}"
-        elif backend == "ext" and not kernels.available():
+        elif backend in ("ext", "ext-a8") and not kernels.available():
             raise InfoptError(f"the infopt kernels are unavailable: {kernels.reason()}")
         elif backend == "triton":
             return cls._for_gpu(weight, bias, device)
@@ -70,6 +73,9 @@ class QuantLinear(nn.Module):
             return cls(in_f, out_f, "torch", dense=dense, bias=bias, note=f"not packable: {exc}")
         if backend == "torch" and not lean:
             return cls(in_f, out_f, backend, dense=kernels.dense_weight(packed), bias=bias, note=note)
+        if backend == "ext-a8" and not kernels.int8_activation_eligible(packed):
+            backend = "ext"
+            note = "int8 activations need int codes in groups of whole 128-column units and AVX512-VNNI"
         return cls(in_f, out_f, backend, packed=packed, bias=bias, note=note)
 
     @classmethod
@@ -87,6 +93,23 @@ class QuantLinear(nn.Module):
         except ValueError as exc:
             dense = kernels.dequantize_fp32(weight).to(device=device, dtype=torch.float16)
             return cls(in_f, out_f, "triton", dense=dense, bias=bias, note=f"dense on the GPU: {exc}")
+
+    @classmethod
+    def concat(cls, parts: list[QuantLinear]) -> QuantLinear | None:
+        """One QuantLinear computing the outputs of `parts` (same input) side by side, or None where their weights
+        do not concatenate (different backends or layouts, GPU weights). Each output is computed as before."""
+        first = parts[0]
+        if any(p.backend != first.backend or p.in_features != first.in_features or p.gpu is not None
+               or (p.packed is None) != (first.packed is None) for p in parts):
+            return None
+        bias = concat_bias([p.bias for p in parts], [p.out_features for p in parts])
+        out_f = sum(p.out_features for p in parts)
+        if first.packed is None:
+            dense = torch.cat([p.dense for p in parts]) if len({p.dense.dtype for p in parts}) == 1 else None
+            return None if dense is None else cls(first.in_features, out_f, first.backend, dense=dense, bias=bias)
+        packed = kernels.concat_rows([p.packed for p in parts])
+        note = "; ".join(sorted({p.note for p in parts if p.note}))
+        return None if packed is None else cls(first.in_features, out_f, first.backend, packed, bias=bias, note=note)
 
     @property
     def nbytes(self) -> int:
@@ -116,6 +139,15 @@ class QuantLinear(nn.Module):
         else:
             layout = f"{self.packed.kind}, group {self.packed.group_size}" if self.packed is not None else "dense"
         return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}, {layout}"
+
+
+def concat_bias(biases: list[torch.Tensor | None], sizes: list[int]) -> torch.Tensor | None:
+    """The biases of linears fused side by side (zeros for those without one); None when none has one."""
+    if all(b is None for b in biases):
+        return None
+    like = next(b for b in biases if b is not None)
+    return torch.cat([torch.zeros(n, dtype=like.dtype, device=like.device) if b is None else b
+                      for b, n in zip(biases, sizes)])
 
 
 def replace_linears(model: nn.Module, quantized: Mapping[str, QuantizedWeight | FourBitWeight],

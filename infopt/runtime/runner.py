@@ -14,6 +14,7 @@ import torch
 
 from infopt.errors import InfoptError
 from infopt.models.loading import ModelDir, load_tokenizer, open_model, text_config
+from infopt.runtime import kernels
 from infopt.runtime.engine import Engine, SamplingParams, Sequence
 from infopt.runtime.kv_cache import DEFAULT_BLOCK_SIZE, KVCache
 from infopt.runtime.kv_report import summary
@@ -31,7 +32,7 @@ class RunOptions:
     kv_budget_mb: float = DEFAULT_KV_BUDGET_MB
     block_size: int = DEFAULT_BLOCK_SIZE
     max_batch: int = 32
-    backend: str | None = None  # quantized-linear backend: "ext", "torch", None (ext when it builds)
+    backend: str | None = None  # quantized-linear backend: "ext", "ext-a8", "torch", None (ext when it builds)
     allow_pickle: bool = False
     trust_remote_code: bool = False
     draft: str | None = None  # a model folder / hub id, "self:int4", "self:int8" or "ngram"
@@ -88,6 +89,12 @@ def make_engine(model: EngineModel, cache: KVCache, options: RunOptions, eos_ids
                              max_batch=options.max_batch)
 
 
+def draft_backend(backend: str | None) -> str | None:
+    """The draft's quantized-linear backend: by default int8 activations where the CPU has VNNI (a draft's numbers
+    only change how many of its tokens the target keeps, never the output); an explicit --kernels is kept."""
+    return "ext-a8" if backend is None and kernels.has_vnni() else backend
+
+
 def make_drafter(model_dir: ModelDir, tokenizer, options: RunOptions, target: EngineModel, target_cache: KVCache):
     """The drafter --draft names; a draft model must share the target's tokenizer."""
     from infopt.runtime.speculative import ModelDrafter, NgramDrafter, draft_cache_for, self_draft
@@ -96,7 +103,8 @@ def make_drafter(model_dir: ModelDir, tokenizer, options: RunOptions, target: En
     if name == "ngram":
         return NgramDrafter()
     if name.startswith("self:"):
-        draft = self_draft(model_dir, name.removeprefix("self:"), options.dtype, options.backend, target.device.type)
+        draft = self_draft(model_dir, name.removeprefix("self:"), options.dtype, draft_backend(options.backend),
+                           target.device.type)
     else:
         draft_dir = open_model(name, options.allow_pickle)
         reason = unsupported_reason(draft_dir.config)
@@ -105,7 +113,7 @@ def make_drafter(model_dir: ModelDir, tokenizer, options: RunOptions, target: En
         if load_tokenizer(draft_dir.path, options.trust_remote_code).get_vocab() != tokenizer.get_vocab():
             raise InfoptError(f"the draft {name} and the target use different tokenizers; speculative decoding "
                               "needs the same vocabulary")
-        draft = load_engine_model(draft_dir, options.dtype, options.backend, target.device.type)
+        draft = load_engine_model(draft_dir, options.dtype, draft_backend(options.backend), target.device.type)
     if draft.shape.vocab_size != target.shape.vocab_size:
         raise InfoptError(f"the draft's vocabulary ({draft.shape.vocab_size}) differs from the target's "
                           f"({target.shape.vocab_size})")

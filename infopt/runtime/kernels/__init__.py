@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from infopt.runtime.kernels.build import available, reason
-from infopt.runtime.kernels.ops import dense_kernel_tokens, dense_matmul, dense_weight, kernel_matmul, tiled_matmul
-from infopt.runtime.kernels.packing import PackedWeight, Unpackable, dequantize_fp32, pack
+from infopt.runtime.kernels.build import available, has_vnni, reason
+from infopt.runtime.kernels.ops import (dense_kernel_tokens, dense_matmul, dense_weight, int8_activation_eligible,
+                                        kernel_matmul, kernel_matmul_a8, tiled_matmul)
+from infopt.runtime.kernels.packing import PackedWeight, Unpackable, concat_rows, dequantize_fp32, pack
 
-__all__ = ["PackedWeight", "Unpackable", "available", "dense_kernel_tokens", "dense_matmul", "dense_weight", "dequantize_fp32", "kernel_matmul", "matmul",
+__all__ = ["PackedWeight", "Unpackable", "available", "concat_rows", "dense_kernel_tokens", "dense_matmul", "dense_weight",
+           "dequantize_fp32", "has_vnni", "int8_activation_eligible", "kernel_matmul", "kernel_matmul_a8", "matmul",
            "pack", "reason", "tiled_matmul"]
 
 # Above this many tokens the kernel hands over to dequantize-a-tile + dense GEMM. On the development machine
@@ -26,8 +28,13 @@ MAX_KERNEL_TOKENS = 512
 
 
 def matmul(x: torch.Tensor, w: PackedWeight, backend: str | None = None) -> torch.Tensor:
-    """fp32 [tokens, out] = x [tokens, in] @ w.T; backend "ext", "torch" or None (ext when available)."""
-    use_ext = available() if backend is None else backend == "ext"
+    """fp32 [tokens, out] = x [tokens, in] @ w.T; backend "ext", "ext-a8", "torch" or None (ext when available).
+
+    "ext-a8" rounds x to int8 (faster, not exact); only for weights int8_activation_eligible() accepts.
+    """
+    use_ext = available() if backend is None else backend in ("ext", "ext-a8")
     if use_ext and x.shape[0] <= MAX_KERNEL_TOKENS:
+        if backend == "ext-a8":
+            return kernel_matmul_a8(x, w)
         return kernel_matmul(x, w)
     return tiled_matmul(x, w, use_kernels=use_ext)

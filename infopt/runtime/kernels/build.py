@@ -10,6 +10,7 @@ reason, then the torch fallback). A first build takes about 10-15 s; later proce
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shutil
@@ -31,20 +32,24 @@ CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
 # at::parallel_for follows torch.set_num_threads.
 LDFLAGS = ["-fopenmp"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c")
+# Optional: the int8-activation (W4A8) path needs AVX512-VNNI; without it the op exists but refuses.
+VNNI_CPU_FLAG = "avx512_vnni"
+VNNI_CFLAGS = ["-mavx512vnni", "-DINFOPT_VNNI"]
 
 _state: dict[str, object] = {}
 _lock = threading.Lock()
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     """The CPU feature flags Linux reports (empty elsewhere)."""
     info = Path("/proc/cpuinfo")
     if not info.exists():
-        return set()
+        return frozenset()
     for line in info.read_text().splitlines():
         if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def _ensure_ninja_on_path() -> bool:
@@ -89,7 +94,8 @@ def _build_directory() -> str | None:
 def _build() -> None:
     from torch.utils import cpp_extension  # noqa: PLC0415 (imports setuptools; only when building)
 
-    cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+    cflags = CFLAGS + (VNNI_CFLAGS if VNNI_CPU_FLAG in cpu_flags() else [])
+    cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=LDFLAGS,
                        build_directory=_build_directory(), is_python_module=False, verbose=False)
 
 
@@ -120,6 +126,11 @@ def _load() -> None:
 
 def available() -> bool:
     return ops() is not None
+
+
+def has_vnni() -> bool:
+    """Whether the loaded extension has the AVX512-VNNI int8-activation products (the CPU reports the flag)."""
+    return available() and VNNI_CPU_FLAG in cpu_flags()
 
 
 def reason() -> str | None:

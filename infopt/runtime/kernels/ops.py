@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from infopt.runtime.kernels import build
-from infopt.runtime.kernels.packing import ROWS, UNIT_BYTES, PackedWeight, unpack_nibbles, untile_params, untile_rows
+from infopt.runtime.kernels.packing import INT4_LUT, ROWS, UNIT_BYTES, UNIT_COLS, PackedWeight, unpack_nibbles, untile_params, untile_rows
 
 KERNEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TILE_BYTES = 4 << 20  # fp32 weight rows dequantized at a time by the tiled paths (fits L2 + L3 comfortably)
@@ -48,6 +48,29 @@ def dense_kernel_tokens(weight: torch.Tensor) -> int:
 def dense_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 [tokens, out] = x [tokens, in] @ weight.T for an fp32 or bf16 weight, by the C++ kernel."""
     return _ext().dense_mm(x if x.dtype in KERNEL_INPUT_DTYPES else x.float(), weight)
+
+
+def int8_activation_eligible(w: PackedWeight) -> bool:
+    """Whether lut4_mm_a8 takes `w`: linear int codes (not NF4/FP4 tables) in groups of whole 128-column units."""
+    return (w.kind == "lut4" and w.group_size % UNIT_COLS["lut4"] == 0 and w.lut is not None
+            and torch.equal(w.lut, INT4_LUT) and build.has_vnni())
+
+
+def kernel_matmul_a8(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """The W4A8 kernel: x rounded to int8 per token and 128-column unit (scale amax / 127), fp32 [tokens, out]."""
+    if x.dtype not in KERNEL_INPUT_DTYPES:
+        x = x.float()
+    return _ext().lut4_mm_a8(x, w.data, w.scale, w.zero, w.group_size, w.out_features, w.perm)
+
+
+def quantize_activations_reference(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """What kernel_matmul_a8 multiplies instead of x, in plain torch: fp32 [tokens, in_pad] in packed column order,
+    each 128-column unit rounded to int8 steps of amax / 127 (the kernel's numbers, for tests)."""
+    xp = prepare_input(x, w)
+    units = xp.reshape(xp.shape[0], -1, UNIT_COLS["lut4"])
+    amax = units.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(units * inv) * (amax / 127.0)).reshape(xp.shape)
 
 
 def kernel_dequantize(w: PackedWeight, row0: int, row1: int) -> torch.Tensor:

@@ -190,6 +190,29 @@ def pack_four_bit(weight: FourBitWeight) -> PackedWeight:
     return _packed("lut4", indices, scale, None, weight.code.float().contiguous(), group_size, None)
 
 
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None) == (b is None) and (a is None or (a.shape == b.shape and torch.equal(a, b)))
+
+
+def concat_rows(parts: list[PackedWeight]) -> PackedWeight | None:
+    """One packed weight with the rows of `parts` one after another (linears that read the same input computed in
+    one call), or None when their layouts differ: kind, width, groups, table, zero points and column order must
+    match, and every part but the last must fill whole 4-row tiles. Each row's numbers are unchanged."""
+    first = parts[0]
+    for w in parts[1:]:
+        if (w.kind, w.group_size, w.in_features, w.data.shape[1]) != (first.kind, first.group_size,
+                                                                       first.in_features, first.data.shape[1]):
+            return None
+        if (w.zero is None) != (first.zero is None) or not _same(w.lut, first.lut) or not _same(w.perm, first.perm):
+            return None
+    if any(w.out_features % ROWS for w in parts[:-1]):
+        return None
+    zero = None if first.zero is None else torch.cat([w.zero for w in parts])
+    return PackedWeight(first.kind, torch.cat([w.data for w in parts]), torch.cat([w.scale for w in parts]), zero,
+                        first.lut, first.group_size, first.in_features, sum(w.out_features for w in parts),
+                        first.perm)
+
+
 def pack(weight: QuantizedWeight | FourBitWeight) -> PackedWeight:
     if isinstance(weight, FourBitWeight):
         return pack_four_bit(weight)

@@ -375,6 +375,135 @@ at::Tensor dense_mm(const at::Tensor& x_in, const at::Tensor& weight) {
   return y;
 }
 
+#ifdef INFOPT_VNNI
+// int4 weights x int8 activations (W4A8), for linear int codes (lut[i] = i - 8) in groups of whole 128-column
+// units: the activations of each token are quantized per unit to int8 with a scale amax / 127 (rounded to nearest
+// even; the scheme llama.cpp's CPU path uses with its 8-bit activation blocks), and AVX512-VNNI's vpdpbusd
+// multiplies 64 unsigned 4-bit indices by 64 signed 8-bit activations per instruction, 4 products summed per
+// 32-bit lane. Per row and unit: sum_k (index_k - c) * x8_k in int32 with c = 8 + zero, then times
+// scale * activation scale in fp32. Not exact like the kernels above (the activations are rounded to 8 bits).
+//
+// The unit's 16 dwords hold nibble j of dword l at column 16j + l, so "bytes & 0x0F" puts in byte b of lane l
+// the index of column 32b + l, and "(bytes >> 4) & 0x0F" the index of column 32b + 16 + l. The activations are
+// laid out to match, once per call: per token and unit 64 bytes "lo" (lane l, byte b = x8[32b + l]), 64 bytes
+// "hi" (x8[32b + 16 + l]) and 16 int32 lanes of -sum(x8) over those 8 columns (for the zero-point correction,
+// c * sum(x8), through vpmaddwd: the sums fit 16 bits and c's upper 16 bits are 0).
+constexpr int64_t kA8UnitBytes = 192;
+
+struct QuantizedActivations {
+  at::Tensor bytes;  // [rows, units, kA8UnitBytes]
+  at::Tensor scale;  // fp32 [rows, units]
+  int64_t units;
+};
+
+QuantizedActivations quantize_activations(const Activations& x) {
+  const int64_t units = x.ld / Lut4::kUnitCols;
+  QuantizedActivations q{at::empty({x.rows, units, kA8UnitBytes}, at::TensorOptions().dtype(at::kByte)),
+                         at::empty({x.rows, units}, at::TensorOptions().dtype(at::kFloat)), units};
+  uint8_t* out = q.bytes.data_ptr<uint8_t>();
+  float* scale = q.scale.data_ptr<float>();
+  const __m512i byte = _mm512_set1_epi32(0xFF);
+  for (int64_t b = 0; b < x.rows; ++b) {
+    for (int64_t u = 0; u < units; ++u) {
+      const float* src = x.data + b * x.ld + u * Lut4::kUnitCols;
+      __m512 v[8];
+      __m512 amax = _mm512_setzero_ps();
+      for (int j = 0; j < 8; ++j) {
+        v[j] = _mm512_loadu_ps(src + 16 * j);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[j]));
+      }
+      const float m = _mm512_reduce_max_ps(amax);
+      const __m512 inv = _mm512_set1_ps(m > 0.0f ? 127.0f / m : 0.0f);
+      __m512i c[8];
+      __m512i sum = _mm512_setzero_si512();
+      for (int j = 0; j < 8; ++j) {
+        c[j] = _mm512_cvtps_epi32(_mm512_mul_ps(v[j], inv));  // round to nearest even (default MXCSR)
+        sum = _mm512_add_epi32(sum, c[j]);
+      }
+      __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+      for (int k = 0; k < 4; ++k) {
+        lo = _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_and_si512(c[2 * k], byte), 8 * k));
+        hi = _mm512_or_si512(hi, _mm512_slli_epi32(_mm512_and_si512(c[2 * k + 1], byte), 8 * k));
+      }
+      uint8_t* dst = out + (b * units + u) * kA8UnitBytes;
+      _mm512_storeu_si512(dst, lo);
+      _mm512_storeu_si512(dst + 64, hi);
+      _mm512_storeu_si512(dst + 128, _mm512_sub_epi32(_mm512_setzero_si512(), sum));
+      scale[b * units + u] = m / 127.0f;
+    }
+  }
+  return q;
+}
+
+template <int NB>
+void tile_dot_a8(const Weight& w, int64_t t, const uint8_t* xq, const float* xs, int64_t units, float* y) {
+  constexpr int R = kRows;
+  __m512 acc[R][NB];
+  unroll<R>([&](auto r) INFOPT_LAMBDA_INLINE {
+    unroll<NB>([&](auto n) INFOPT_LAMBDA_INLINE { acc[r][n] = _mm512_setzero_ps(); });
+  });
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const int64_t units_per_group = w.group_size / Lut4::kUnitCols;
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t g = u / units_per_group;
+    __m512i lo[R], hi[R], c[R];
+    __m512 s[R];
+    unroll<R>([&](auto r) INFOPT_LAMBDA_INLINE {
+      const __m512i raw = _mm512_loadu_si512(w.unit(t, u, r));
+      lo[r] = _mm512_and_si512(raw, low4);
+      hi[r] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+      const int64_t i = w.param(t, g, r);
+      c[r] = _mm512_set1_epi32(8 + (w.zero == nullptr ? 0 : w.zero[i]));
+      s[r] = _mm512_set1_ps(w.scale[i]);
+    });
+    const uintptr_t ahead = reinterpret_cast<uintptr_t>(w.unit(t, u, 0)) + kPrefetchBytes;
+    unroll<kRows * Lut4::kUnitBytes / 64>([&](auto l) INFOPT_LAMBDA_INLINE {
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + 64 * l), _MM_HINT_T0);
+    });
+    unroll<NB>([&](auto n) INFOPT_LAMBDA_INLINE {
+      const uint8_t* a = xq + (n * units + u) * kA8UnitBytes;
+      const __m512i xlo = _mm512_loadu_si512(a), xhi = _mm512_loadu_si512(a + 64);
+      const __m512i neg_sum = _mm512_loadu_si512(a + 128);
+      const __m512 sx = _mm512_set1_ps(xs[n * units + u]);
+      unroll<R>([&](auto r) INFOPT_LAMBDA_INLINE {
+        __m512i dot = _mm512_madd_epi16(neg_sum, c[r]);  // -c * sum(x8), per lane
+        dot = _mm512_dpbusd_epi32(dot, lo[r], xlo);
+        dot = _mm512_dpbusd_epi32(dot, hi[r], xhi);
+        acc[r][n] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), sx), s[r], acc[r][n]);
+      });
+    });
+  }
+  for (int r = 0; r < R; ++r) {
+    if (t * R + r >= w.out) break;
+    for (int n = 0; n < NB; ++n) y[n * w.out + t * R + r] = _mm512_reduce_add_ps(acc[r][n]);
+  }
+}
+#endif
+
+at::Tensor lut4_mm_a8(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scale,
+                      const std::optional<at::Tensor>& zero, int64_t group_size, int64_t out_features,
+                      const std::optional<at::Tensor>& perm) {
+#ifdef INFOPT_VNNI
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "lut4 data must be uint8");
+  const Weight w = describe(packed, Lut4::kUnitCols, Lut4::kUnitBytes, scale, zero, group_size, out_features);
+  TORCH_CHECK(w.group_size % Lut4::kUnitCols == 0, "int8-activation products need groups of whole 128-column units");
+  const QuantizedActivations q = quantize_activations(prepare(x_in, w.in_pad, perm));
+  const int64_t rows = x_in.size(0);
+  at::Tensor y = at::empty({rows, w.out}, at::TensorOptions().dtype(at::kFloat));
+  if (rows == 0 || w.out == 0) return y;
+  const uint8_t* xq = q.bytes.data_ptr<uint8_t>();
+  const float* xs = q.scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_tiles<kBatchTile>(w.tiles, w.tile_bytes, rows, [&](auto nb, int64_t t, int64_t b0) {
+    constexpr int NB = decltype(nb)::value;
+    tile_dot_a8<NB>(w, t, xq + b0 * q.units * kA8UnitBytes, xs + b0 * q.units, q.units, yp + b0 * w.out);
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "this build of the infopt kernels has no AVX512-VNNI int8-activation path");
+#endif
+}
+
 // Dequantized fp32 rows [row0, row1) in packed column order, [row1 - row0, in_pad]: lets large batches go
 // through a dense GEMM tile by tile.
 template <typename Dec>
@@ -467,4 +596,5 @@ TORCH_LIBRARY(infopt_kernels, m) {
   m.def("lut4_dequant", &lut4_dequant);
   m.def("int8_dequant", &int8_dequant);
   m.def("dense_mm", &dense_mm);
+  m.def("lut4_mm_a8", &lut4_mm_a8);
 }

@@ -84,7 +84,6 @@ def decode_rows(repeats: int) -> tuple[list[str], dict]:
     from infopt.runtime.model import load_engine_model
 
     dirs = decode_model_dirs()
-    copy_bw, read_bw = memory_bandwidth()
     # (row label, checkpoint, activation dtype, quantized-linear backend); all loaded at once, runs alternate
     variants = [("fp32", "fp32", torch.float32, None), ("bf16", "bf16", torch.bfloat16, None),
                 ("int8", "int8", torch.float32, None), ("int4-g128", "int4-g128", torch.float32, None),
@@ -97,11 +96,14 @@ def decode_rows(repeats: int) -> tuple[list[str], dict]:
     for hf in hf_models.values():
         transformers_decode(hf, 4)
     runs: dict[str, list[float]] = {}
+    bandwidths = []  # measured in every round too: the shared machine's bandwidth drifts
     for _ in range(repeats):
+        bandwidths.append(memory_bandwidth(3))
         for label, model in models.items():
             runs.setdefault(label, []).append(engine_decode(model))
         for name, hf in hf_models.items():
             runs.setdefault(f"hf-{name}", []).append(transformers_decode(hf))
+    copy_bw, read_bw = (statistics.median(b[i] for b in bandwidths) for i in (0, 1))
     rows, rates = [], {}
     for label, model in models.items():
         rate = rates[label] = statistics.median(runs[label])
@@ -113,7 +115,8 @@ def decode_rows(repeats: int) -> tuple[list[str], dict]:
     lines = [f"Decode at batch 1 after a {len(PROMPT)}-token prompt, median of {repeats} runs of {DECODE_TOKENS} "
              f"tokens. Roofline: weight bytes read per token / the memcpy bandwidth, {copy_bw:.1f} GB/s (a 256 MiB "
              f"tensor copy, bytes copied per second); the stricter read roofline uses {read_bw:.1f} GB/s (a sum over "
-             "256 MiB). Both bandwidths are measured in the same run and vary between runs on this shared machine. "
+             "256 MiB). Both bandwidths are medians of measurements taken between the rounds of decode runs; they vary "
+             "a lot between runs on this shared machine. "
              "transformers runs its own model with its sdpa attention. All models are loaded together and their runs "
              "alternate, so a change in the machine's speed hits every row alike.", "",
              "| weights | bytes read / token | infopt tok/s | memcpy roofline tok/s | % of roofline | % of read roofline "
@@ -236,7 +239,7 @@ def prefill_lines() -> list[str]:
     return lines
 
 
-def section(stories: Path, repeats: int = 3) -> list[str]:
+def section(stories: Path, repeats: int = 7) -> list[str]:
     lines, _ = decode_rows(repeats)
     return lines + [""] + waste_lines(stories) + [""] + prefill_lines()
 

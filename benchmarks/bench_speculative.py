@@ -106,9 +106,11 @@ def section(bench_model: Path, stories: Path, widened: Path, repeats: int = 3) -
               "model's (copies are interleaved), so the self:int4 draft disagrees with it as the 5M model's int4 "
               "does. Verification of K + 1 tokens runs through the dense small-batch kernel, which reads each weight "
               "once for up to 6 tokens (profiled on this model: a 5-token check costs about one decode step in the "
-              "kernels; torch's fp32 GEMM took about twice that). The speedup depends on the memory bandwidth the "
-              "shared machine gives at the time (the plain rate shows it): the int4 kernels are compute-bound near "
-              "90 G weights/s, so faster memory speeds up the fp32 target more than its drafts (a development run "
-              "with plain decoding at 12.6 tok/s measured 1.84x / 1.90x at K = 4 / 6). First 3 prompts, 96 new "
-              "tokens, 2 runs."]
+              "kernels; torch's fp32 GEMM took about twice that). Drafts are built as `infopt run --draft self:...` "
+              "builds them: int4 with int8 activations (`--kernels ext-a8` on AVX512-VNNI), memory-bound where the "
+              "exact int4 kernel is compute-bound near 90 G weights/s; the `--kernels ext` rows keep the exact "
+              "draft for comparison (its acceptance is within a point). The speedup also moves with the memory "
+              "bandwidth the shared machine gives at the time (the plain column shows how much): each speedup "
+              "divides by the plain runs alternated with its own speculative runs. First 3 prompts, 96 new tokens, "
+              "2 runs."]
     return lines

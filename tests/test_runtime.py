@@ -178,9 +178,14 @@ def test_cli_kernels_choice(quantized_dirs):
     path = str(quantized_dirs["ct-int4-g128-asym"])
     runs = {k: run_cli("run", path, "--prompt", "Once", "--max-new-tokens", "6", "--kernels", k, "--json")
             for k in ("ext", "ext-a8", "torch")}
+    from infopt.runtime import kernels
+
     for kernel, result in runs.items():
         assert result.returncode == 0, (kernel, result.stderr)
-        assert len(json.loads(result.stdout)["requests"][0]["samples"][0]["tokens"]) == 6
+        report = json.loads(result.stdout)
+        assert len(report["requests"][0]["samples"][0]["tokens"]) == 6
+        used = "ext" if kernel == "ext-a8" and not kernels.has_vnni() else kernel
+        assert report["quantized_linears"] == {used: 8}  # 2 layers: qkv, o, gate_up, down
     bad = run_cli("run", path, "--prompt", "Once", "--max-new-tokens", "2", "--kernels", "fast")
     assert bad.returncode != 0 and "invalid backend 'fast'" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -184,6 +184,12 @@ def test_run_with_drafts_from_the_command_line(stories_hf, tmp_path):
     spec = json.loads(result.stdout)["speculative"]
     assert spec["same_tokens_as_plain"] and spec["acceptance_rate"] > 0.5 and spec["tokens_per_target_forward"] > 1
     assert spec["decode_speedup"] > 0
+    assert spec["draft_quantized_linears"] == {"ext": 5 * 4}  # 5 layers of int8: exact kernel, fused qkv, gate_up
+    a8 = run_cli("run", str(stories_hf), "--max-new-tokens", "20", "--draft", "self:int4", "--json")
+    assert a8.returncode == 0, a8.stderr
+    spec = json.loads(a8.stdout)["speculative"]
+    assert spec["same_tokens_as_plain"]
+    assert spec["draft_quantized_linears"] == {draft_backend(None) or "ext": 5 * 4}
     other = _word_level_tokenizer(make_tiny_model("llama", tmp_path / "other", vocab_size=512))
     refused = run_cli("run", str(stories_hf), "--draft", str(other), "--max-new-tokens", "5")
     assert refused.returncode == 2 and "different tokenizers" in refused.stderr, refused.stderr

@@ -212,11 +212,22 @@ def run_prompts(model: str, prompts: list[Prompt], options: RunOptions,
     if drafter is not None:
         report["speculative"] = {"draft": options.draft, "num_draft": options.num_draft,
                                  "adaptive": options.adaptive_draft, **engine.spec.as_dict()}
+        if hasattr(drafter, "model"):
+            report["speculative"]["draft_quantized_linears"] = linear_backends(drafter.model)
         if options.baseline:
             # every block is free again once all requests finished: the plain run reuses the same memory
             plain, plain_finished, plain_seconds = _generate(make_engine(lm, cache, options, eos), requests, None)
             report["speculative"].update(_speedup(engine, plain, finished, plain_finished, seconds, plain_seconds))
     return report
+
+
+def linear_backends(model) -> dict[str, int]:
+    """How many quantized linears (fused ones counted once) each backend computes: "ext", "ext-a8", "torch", ..."""
+    from collections import Counter
+
+    from infopt.runtime.qlinear import QuantLinear
+
+    return dict(sorted(Counter(m.backend for m in model.modules() if isinstance(m, QuantLinear)).items()))
 
 
 def _params_for(prompt: Prompt, params: SamplingParams) -> SamplingParams:
@@ -274,6 +285,7 @@ def _report(model_dir: ModelDir, tokenizer, prompts: list[Prompt], finished: lis
                      "at_peak": summary(peak) if peak else None},
         "page_map": peak,
         "notes": sorted({m.note for m in engine.model.modules() if getattr(m, "note", "")}),
+        "quantized_linears": linear_backends(engine.model),
     }
     if len(requests) == 1 and len(requests[0]["samples"]) == 1:  # the single-prompt shape earlier versions gave
         sample = requests[0]["samples"][0]

@@ -407,24 +407,59 @@ def evaluate_checkpoint(model: str | ModelDir, dataset: str, baseline: str | Mod
                         seq_len: int | None = None, stride: int | None = None, max_windows: int | None = None,
                         text_field: str = "text", allow_pickle: bool = False,
                         progress: Progress | None = None, trust_remote_code: bool = False,
-                        dtype: torch.dtype = torch.float32) -> dict:
+                        dtype: torch.dtype = torch.float32, engine: str = "transformers",
+                        kernels: str | None = None) -> dict:
+    """Perplexity (and with a baseline KL and top-1 agreement). engine "transformers" dequantizes packed weights
+    into transformers' model; "infopt" scores through infopt's runtime with the `kernels` backend (what `infopt
+    run` computes: packed kernels, int8 activations with "ext-a8"); the baseline runs on the same engine."""
+    if engine not in ("transformers", "infopt"):
+        raise InfoptError(f"invalid engine {engine!r}: choose transformers or infopt")
+    if kernels is not None and engine != "infopt":
+        raise InfoptError("--kernels applies to --engine infopt")
     model_dir = model if isinstance(model, ModelDir) else open_model(model, allow_pickle)
     base_dir = None
     if baseline is not None:
         base_dir = baseline if isinstance(baseline, ModelDir) else open_model(baseline, allow_pickle)
+    if engine == "infopt":
+        for folder in (model_dir, base_dir):
+            _check_engine_support(folder)
     text = load_text(dataset, text_field)
     tokenizer = load_tokenizer(model_dir.path, trust_remote_code)
     ids = tokenize(tokenizer, text)
     seq_len = seq_len or default_seq_len(model_dir.config)
-    lm = load_causal_lm(model_dir, dtype, trust_remote_code=trust_remote_code)
-    base_lm = load_causal_lm(base_dir, dtype, trust_remote_code=trust_remote_code) if base_dir is not None else None
+    if engine == "infopt":
+        lm = _engine_scorer(model_dir, dtype, kernels)
+        base_lm = _engine_scorer(base_dir, dtype, kernels) if base_dir is not None else None
+    else:
+        lm = load_causal_lm(model_dir, dtype, trust_remote_code=trust_remote_code)
+        base_lm = load_causal_lm(base_dir, dtype, trust_remote_code=trust_remote_code) if base_dir is not None else None
     if base_lm is not None and base_lm.config.vocab_size != lm.config.vocab_size:
         raise InfoptError("model and baseline have different vocabularies; they must share a tokenizer")
     batch = default_batch_size(seq_len, lm.config.vocab_size)
     report = evaluate(lm, ids, seq_len, stride, max_windows, base_lm, batch,
                       (lambda d, t: progress("eval", d, t)) if progress else None)
     report["dataset"] = dataset
+    report["engine"] = engine
+    if engine == "infopt":
+        from infopt.runtime.runner import linear_backends
+
+        report["quantized_linears"] = linear_backends(lm.model)
     return report
+
+
+def _check_engine_support(model_dir: ModelDir | None) -> None:
+    from infopt.runtime.model import unsupported_reason
+
+    reason = None if model_dir is None else unsupported_reason(model_dir.config)
+    if reason:
+        raise InfoptError(f"--engine infopt cannot score {model_dir.path}: the infopt runtime does not support {reason}")
+
+
+def _engine_scorer(model_dir: ModelDir, dtype: torch.dtype, kernels: str | None):
+    from infopt.runtime.model import load_engine_model
+    from infopt.runtime.scoring import EngineScorer
+
+    return EngineScorer(load_engine_model(model_dir, dtype, kernels))
 
 
 def generate_text(model: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,

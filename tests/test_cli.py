@@ -138,6 +138,34 @@ def test_eval_json_gate_and_short_dataset(stories_hf, tmp_path):
     assert_clean_failure(run_cli("eval", str(stories_hf), "--dataset", str(tmp_path / "none.txt")), "dataset not found")
 
 
+def test_eval_through_the_infopt_engine(stories_hf, tmp_path):
+    from infopt.runtime import kernels
+    from infopt.workflows import evaluate_checkpoint
+
+    q = tmp_path / "int4"
+    made = run_cli("quantize", str(stories_hf), "--bits", "4", "--group-size", "-1", "--asym", "--out", str(q))
+    assert made.returncode == 0, made.stderr
+    args = dict(dataset="tinystories", baseline=str(stories_hf), max_windows=6)
+    hf = evaluate_checkpoint(str(q), **args)
+    exact = evaluate_checkpoint(str(q), engine="infopt", kernels="ext", **args)
+    assert hf["engine"] == "transformers" and exact["quantized_linears"] == {"ext": 5 * 4}
+    for key in ("ppl", "baseline_ppl", "kl_mean"):  # same numbers, summed in another order
+        assert abs(exact[key] / hf[key] - 1) < 1e-4, key
+    assert exact["tokens"] == hf["tokens"] and abs(exact["top1_agreement"] - hf["top1_agreement"]) < 1e-3
+    if kernels.has_vnni():
+        a8 = evaluate_checkpoint(str(q), engine="infopt", kernels="ext-a8", **args)
+        assert a8["quantized_linears"] == {"ext-a8": 5 * 4}
+        assert a8["ppl"] != exact["ppl"] and abs(a8["ppl"] / exact["ppl"] - 1) < 0.01  # int8 activations cost little
+    table = run_cli("eval", str(q), "--dataset", "tinystories", "--max-windows", "2", "--engine", "infopt")
+    assert table.returncode == 0 and "20 linears on ext" in table.stdout, table.stderr
+    assert_clean_failure(run_cli("eval", str(q), "--dataset", "tinystories", "--kernels", "ext-a8"),
+                         "--kernels applies to --engine infopt")
+    assert_clean_failure(run_cli("eval", str(q), "--dataset", "tinystories", "--engine", "vllm"), "invalid engine")
+    gemma = make_tiny_model("gemma", tmp_path / "gemma")
+    assert_clean_failure(run_cli("eval", str(gemma), "--dataset", "tinystories", "--engine", "infopt"),
+                         "does not support")
+
+
 def test_convert_and_run_from_the_command_line(data, tmp_path):
     folder = data / "tinyllamas-stories260K"
     out = tmp_path / "hf"

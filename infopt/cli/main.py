@@ -168,6 +168,9 @@ def _print_eval(r: dict) -> None:
     table.add_column("value", justify="right")
     table.add_row("perplexity", f"{r['ppl']:.4f}")
     table.add_row("tokens scored", str(r["tokens"]))
+    if r.get("engine") == "infopt":
+        used = ", ".join(f"{n} linears on {k}" for k, n in r["quantized_linears"].items())
+        table.add_row("engine", f"infopt ({used or 'dense weights'})")
     if "baseline_ppl" in r:
         table.add_row("baseline perplexity", f"{r['baseline_ppl']:.4f}")
         table.add_row("relative change", f"{r['ppl_delta_rel']:+.4%}")
@@ -186,6 +189,8 @@ def eval_(
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Evaluate at most this many windows."),
     text_field: str = typer.Option("text", "--text-field", help="Field or column for .jsonl/.parquet/hf datasets."),
     max_ppl_delta: Optional[float] = typer.Option(None, "--max-ppl-delta", help="Exit 1 when the relative perplexity increase exceeds this (needs --baseline)."),
+    engine: str = typer.Option("transformers", "--engine", help="transformers (packed weights dequantized into its model) or infopt (the runtime's packed kernels: what infopt run computes)."),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help="With --engine infopt: ext, ext-a8 (int8 activations) or torch."),
     allow_pickle: bool = ALLOW_PICKLE,
     dtype: str = DTYPE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
@@ -199,7 +204,7 @@ def eval_(
     compute_dtype = parse_dtype(dtype)
     with progress_bar(not json_out) as progress:
         report = evaluate_checkpoint(model, dataset, baseline, seq_len, stride, max_windows, text_field,
-                                     allow_pickle, progress, trust_remote_code, compute_dtype)
+                                     allow_pickle, progress, trust_remote_code, compute_dtype, engine, kernels)
     if json_out:
         print_json(report)
     else:

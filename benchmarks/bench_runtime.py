@@ -239,12 +239,43 @@ def prefill_lines() -> list[str]:
     return lines
 
 
-def section(stories: Path, repeats: int = 7) -> list[str]:
+ACTIVATION_WINDOWS = 200  # evaluation windows per row of the int8-activation quality table
+
+
+def activation_quality_lines(bench_model: Path, stories: Path) -> list[str]:
+    """What int8 activations (--kernels ext-a8) cost in quality: int4 RTN checkpoints scored by transformers
+    (dequantized) and by the engine with the exact and the int8-activation kernels, against the fp32 model."""
+    from infopt.quant.spec import QuantSpec
+    from infopt.workflows import QuantizeRequest, evaluate_checkpoint, quantize
+
+    cases = [(f"bench model ({bench_model.name}), int4 g128 RTN", bench_model, QuantSpec(4, 128, True), "wikitext2", 512),
+             ("stories260K, int4 per-channel asym RTN", stories, QuantSpec(4, -1, False), "tinystories", 256)]
+    lines = [f"Quality of the int8-activation kernels: int4 RTN checkpoints scored three ways against their fp32 "
+             f"source (first {ACTIVATION_WINDOWS} non-overlapping windows; `infopt eval Q --dataset D --baseline "
+             "SOURCE --seq-len L --max-windows N [--engine infopt --kernels ext|ext-a8]`).", "",
+             "| checkpoint | dataset, window | scored by | perplexity | fp32 perplexity | KL(fp32 \\|\\| int4) | top-1 "
+             "agreement |", "|---|---|---|---|---|---|---|"]
+    for label, source, spec, dataset, seq_len in cases:
+        out = CACHE / f"{source.name}-rtn-{spec.bits}-{spec.group_size}-{'sym' if spec.symmetric else 'asym'}"
+        if not (out / "config.json").is_file():
+            quantize(QuantizeRequest(model=str(source), spec=spec, out=out))
+        for scorer, engine, kernel in (("transformers (dequantized)", "transformers", None),
+                                       ("infopt, exact kernels", "infopt", "ext"),
+                                       ("infopt, int8 activations (`ext-a8`)", "infopt", "ext-a8")):
+            r = evaluate_checkpoint(str(out), dataset, str(source), seq_len, max_windows=ACTIVATION_WINDOWS,
+                                    engine=engine, kernels=kernel)
+            lines.append(f"| {label} | {dataset}, {seq_len} | {scorer} | {r['ppl']:.4f} | {r['baseline_ppl']:.4f} | "
+                         f"{r['kl_mean']:.5f} | {r['top1_agreement']:.2%} |")
+    return lines
+
+
+def section(stories: Path, bench_model: Path, repeats: int = 7) -> list[str]:
     lines, _ = decode_rows(repeats)
-    return lines + [""] + waste_lines(stories) + [""] + prefill_lines()
+    return (lines + [""] + activation_quality_lines(bench_model, stories) + [""] + waste_lines(stories) + [""]
+            + prefill_lines())
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT / "benchmarks"))
     torch.set_num_threads(2)
-    print("\n".join(section(Path(sys.argv[1]))))
+    print("\n".join(section(Path(sys.argv[1]), Path(sys.argv[2]))))

@@ -69,7 +69,9 @@ def run_section(name: str, work: Path, repeats: int) -> list[str]:
     if name == "runtime":
         import bench_runtime
 
-        return bench_runtime.section(_stories(work))
+        from train_bench_model import ensure_bench_model
+
+        return bench_runtime.section(_stories(work), ensure_bench_model(THREADS))
     if name == "speculative":
         import bench_speculative
         from synthetic import widen_llama

@@ -376,6 +376,23 @@ def test_int8_activation_backend_needs_vnni(monkeypatch):
             QuantLinear.from_quantized(weight, backend="ext-a8")
 
 
+@needs_ext
+def test_a_build_without_vnni_refuses_int8_activations(tmp_path):
+    code = ("import torch; from infopt.runtime.kernels import build, ops;"
+            "flags = build.cpu_flags() - {'avx512_vnni'}; build.cpu_flags = lambda: flags;"
+            "from infopt.runtime import kernels; from infopt.quant.rtn import quantize_rtn;"
+            "from infopt.quant.spec import QuantSpec; from infopt.runtime.qlinear import QuantLinear;"
+            "w = quantize_rtn(torch.randn(64, 256), QuantSpec(4, 128, True)); p = kernels.pack(w);"
+            "layer = QuantLinear.from_quantized(w, backend='ext-a8'); x = torch.randn(2, 256);"
+            "print(build.available(), build.has_vnni(), ops.int8_activation_eligible(p), layer.backend,"
+            " torch.allclose(layer(x), x @ w.dequantize().T, atol=1e-4));"
+            "ops.kernel_matmul_a8(x, p)")
+    env = {**os.environ, "INFOPT_EXT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}  # a separate build
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.stdout.split() == ["True", "False", "False", "ext", "True"], run.stderr
+    assert run.returncode != 0 and "no AVX512-VNNI int8-activation path" in run.stderr
+
+
 def _quantized_llama(tmp_path):
     import transformers
 

@@ -354,6 +354,10 @@ def test_int8_activation_backend_only_takes_eligible_weights():
     small_groups = kernels.pack(_weight(64, 256, 4, 32, True))
     int8 = kernels.pack(_weight(64, 256, 8, -1, True))
     assert not any(ops.int8_activation_eligible(p) for p in (nf4, small_groups, int8))
+    nf4_128 = kernels.pack(quantize_4bit(torch.randn(64, 256), "nf4", 128, False))  # unit-wide groups, NF4 values
+    assert nf4_128.group_size == 128 and not nf4_128.int_codes
+    with pytest.raises(ValueError, match="integer codes"):
+        ops.kernel_matmul_a8(torch.randn(1, 256), nf4_128)
     x = torch.randn(2, 256)
     for weight in (_weight(64, 256, 4, 32, True), _weight(64, 256, 8, -1, True)):
         layer = QuantLinear.from_quantized(weight, backend="ext-a8")
@@ -386,7 +390,7 @@ def test_a_build_without_vnni_refuses_int8_activations(tmp_path):
             "layer = QuantLinear.from_quantized(w, backend='ext-a8'); x = torch.randn(2, 256);"
             "print(build.available(), build.has_vnni(), ops.int8_activation_eligible(p), layer.backend,"
             " torch.allclose(layer(x), x @ w.dequantize().T, atol=1e-4));"
-            "ops.kernel_matmul_a8(x, p)")
+            "ops._ext().lut4_mm_a8(x, p.data, p.scale, p.zero, p.group_size, p.out_features, p.perm)")
     env = {**os.environ, "INFOPT_EXT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}  # a separate build
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert run.stdout.split() == ["True", "False", "False", "ext", "True"], run.stderr

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from infopt.runtime.kernels import build
-from infopt.runtime.kernels.packing import INT4_LUT, ROWS, UNIT_BYTES, UNIT_COLS, PackedWeight, unpack_nibbles, untile_params, untile_rows
+from infopt.runtime.kernels.packing import ROWS, UNIT_BYTES, UNIT_COLS, PackedWeight, unpack_nibbles, untile_params, untile_rows
 
 KERNEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TILE_BYTES = 4 << 20  # fp32 weight rows dequantized at a time by the tiled paths (fits L2 + L3 comfortably)
@@ -52,12 +52,13 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def int8_activation_eligible(w: PackedWeight) -> bool:
     """Whether lut4_mm_a8 takes `w`: linear int codes (not NF4/FP4 tables) in groups of whole 128-column units."""
-    return (w.kind == "lut4" and w.group_size % UNIT_COLS["lut4"] == 0 and w.lut is not None
-            and torch.equal(w.lut, INT4_LUT) and build.has_vnni())
+    return w.int_codes and w.group_size % UNIT_COLS["lut4"] == 0 and build.has_vnni()
 
 
 def kernel_matmul_a8(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """The W4A8 kernel: x rounded to int8 per token and 128-column unit (scale amax / 127), fp32 [tokens, out]."""
+    if not int8_activation_eligible(w):  # the C++ side cannot tell NF4/FP4 tables from integer codes
+        raise ValueError("int8 activations need integer codes in groups of whole 128-column units and AVX512-VNNI")
     if x.dtype not in KERNEL_INPUT_DTYPES:
         x = x.float()
     return _ext().lut4_mm_a8(x, w.data, w.scale, w.zero, w.group_size, w.out_features, w.perm)

@@ -13,6 +13,7 @@ columns meet zero inputs, padding groups have scale 0) and rows to a multiple of
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -43,6 +44,11 @@ class PackedWeight:
     in_features: int
     out_features: int
     perm: torch.Tensor | None = None  # int64 [in]: stored column j multiplies input column perm[j]
+
+    @functools.cached_property
+    def int_codes(self) -> bool:
+        """Whether values are the signed integer codes (lut4 table index - 8; not NF4/FP4 values)."""
+        return self.kind == "lut4" and self.lut is not None and torch.equal(self.lut, INT4_LUT)
 
     @property
     def in_padded(self) -> int:

@@ -10,7 +10,7 @@ A step processes, for each sequence, `new` tokens at positions start ... start +
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,37 @@ class BatchLayout:
     slots: torch.Tensor  # int64 [tokens]: flat cache slot of each token
     logit_rows: torch.Tensor | None  # which rows get logits (None: all)
     block_size: int
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)  # per-step tensors shared by the layers
+
+    def context(self, i: int, window: int | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sequence i's block ids [1, blocks] covering its cached context plus this step, and the mask of its new
+        tokens over that context (None when every key is visible: one new token and no window). The same for
+        every layer, so built once per step."""
+        key = (i, window, device)
+        if key not in self._memo:
+            start, n = self.starts[i], self.new[i]
+            length = start + n
+            blocks = torch.tensor(self.block_tables[i][: -(-length // self.block_size)], device=device).unsqueeze(0)
+            visible_all = n == 1 and (window is None or window >= length)
+            mask = None if visible_all else _window_mask(torch.arange(start, length, device=device), length, window)
+            self._memo[key] = (blocks, mask)
+        return self._memo[key]
+
+    def padded_context(self, window: int | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a step of one new token per sequence: block ids [batch, width] (padded with block 0 to the longest
+        context) and which of those keys each sequence sees, [batch, width * block_size]; built once per step."""
+        key = ("padded", window, device)
+        if key not in self._memo:
+            width = -(-(max(self.starts) + 1) // self.block_size)
+            block_ids = torch.tensor([(table[:width] + [0] * width)[:width] for table in self.block_tables],
+                                     dtype=torch.int64, device=device)
+            lengths = torch.tensor([s + 1 for s in self.starts], device=device)
+            positions = torch.arange(width * self.block_size, device=device)
+            visible = positions.unsqueeze(0) < lengths.unsqueeze(1)
+            if window is not None:
+                visible &= positions.unsqueeze(0) > (lengths - 1 - window).unsqueeze(1)
+            self._memo[key] = (block_ids, visible)
+        return self._memo[key]
 
     @property
     def all_decode(self) -> bool:
@@ -79,7 +110,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayou
     if layout.all_decode and len(layout.new) > 1:
         return _decode_batch(q, layout, cache, layer, scale, window)
     outputs, offset = [], 0
-    for start, n, table in zip(layout.starts, layout.new, layout.block_tables):
+    for i, (start, n) in enumerate(zip(layout.starts, layout.new)):
         qi = q[offset:offset + n].transpose(0, 1).unsqueeze(0)  # [1, heads, n, dim]
         if start == 0:
             ki = k[offset:offset + n].transpose(0, 1).unsqueeze(0)
@@ -87,10 +118,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayou
             mask = None if window is None or window >= n else _window_mask(torch.arange(n, device=q.device), n, window)
         else:
             length = start + n
-            blocks = torch.tensor(table[: -(-length // layout.block_size)], device=q.device).unsqueeze(0)
+            blocks, mask = layout.context(i, window, q.device)
             ki, vi = cache.gather(layer, blocks)
             ki, vi = ki[:, :, :length], vi[:, :, :length]
-            mask = _window_mask(torch.arange(start, length, device=q.device), length, window)
         out = sdpa(qi, ki.to(q.dtype), vi.to(q.dtype), attn_mask=mask,
                                              is_causal=mask is None and start == 0 and n > 1, scale=scale,
                                              enable_gqa=qi.shape[1] != ki.shape[1])
@@ -102,15 +132,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayou
 def _decode_batch(q: torch.Tensor, layout: BatchLayout, cache, layer: int, scale: float,
                   window: int | None) -> torch.Tensor:
     """One new token per sequence: gather every sequence's blocks (padded to the longest) and mask the padding."""
-    width = -(-(max(layout.starts) + 1) // layout.block_size)
-    block_ids = torch.tensor([(table[:width] + [0] * width)[:width] for table in layout.block_tables],
-                             dtype=torch.int64, device=q.device)
-    lengths = torch.tensor([s + 1 for s in layout.starts], device=q.device)
+    block_ids, visible = layout.padded_context(window, q.device)
     keys, values = cache.gather(layer, block_ids)
-    positions = torch.arange(width * layout.block_size, device=q.device)
-    visible = positions.unsqueeze(0) < lengths.unsqueeze(1)
-    if window is not None:
-        visible &= positions.unsqueeze(0) > (lengths - 1 - window).unsqueeze(1)
     out = sdpa(q.unsqueeze(2), keys.to(q.dtype), values.to(q.dtype),
                                          attn_mask=visible[:, None, None, :], scale=scale,
                                          enable_gqa=q.shape[1] != keys.shape[1])

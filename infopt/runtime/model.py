@@ -137,24 +137,28 @@ class Rotary:
         self.device = torch.device("cpu")
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin [tokens, 1, rotary_dim] for apply_rotary: the sin of the first half negated."""
         needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self.cos.shape[0]:
             length = max(needed, 2 * self.cos.shape[0], 256)
             angles = torch.outer(torch.arange(length, dtype=torch.float32), self.inv_freq)
-            angles = torch.cat([angles, angles], dim=-1)
-            self.cos = (angles.cos() * self.scaling).to(self.device)
-            self.sin = (angles.sin() * self.scaling).to(self.device)
-        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+            sin = angles.sin() * self.scaling
+            self.cos = (torch.cat([angles, angles], dim=-1).cos() * self.scaling).to(self.device)
+            self.sin = torch.cat([-sin, sin], dim=-1).to(self.device)
+        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [tokens, heads, head_dim]; cos/sin [tokens, rotary_dim]."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [tokens, heads, head_dim]; cos / signed_sin [tokens, 1, rotary_dim] from Rotary.tables.
+
+    rotate_half(r) * sin with rotate_half(r) = (-r2, r1) equals (r2, r1) * (-sin1, sin2): swapping the halves is
+    one flip of a [2, half] view, and negating a factor is exact, so the numbers are transformers' to the bit.
+    """
     dim = cos.shape[-1]
-    rot, rest = x[..., :dim], x[..., dim:]
-    half = dim // 2
-    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-    out = rot * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
-    return torch.cat([out, rest], dim=-1) if rest.numel() else out
+    rot = x[..., :dim]
+    swapped = rot.unflatten(-1, (2, dim // 2)).flip(-2).flatten(-2)
+    out = rot * cos + swapped * signed_sin
+    return torch.cat([out, x[..., dim:]], dim=-1) if dim < x.shape[-1] else out
 
 
 class RMSNorm(nn.Module):
@@ -177,10 +181,18 @@ class DenseLinear(nn.Module):
         super().__init__()
         self.weight, self.bias = weight, bias
         self.use_kernel = use_kernel
+        self._kernel_limit: tuple[torch.Tensor, int] | None = None  # (weight, elements) checked once per weight
+
+    def _kernel_elements(self) -> int:
+        """Most input elements the kernel takes for this weight (0: never); rechecked if the weight is replaced."""
+        if self._kernel_limit is None or self._kernel_limit[0] is not self.weight:
+            limit = kernels.dense_kernel_tokens(self.weight) * self.weight.shape[1] if self.use_kernel else 0
+            self._kernel_limit = (self.weight, limit)
+        return self._kernel_limit[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_f = self.weight.shape[1]
-        if self.use_kernel and x.numel() <= kernels.dense_kernel_tokens(self.weight) * in_f:
+        if x.numel() <= self._kernel_elements():
             y = kernels.dense_matmul(x.reshape(-1, in_f), self.weight)
             if self.bias is not None:
                 y = y + self.bias

@@ -428,11 +428,11 @@ def evaluate_checkpoint(model: str | ModelDir, dataset: str, baseline: str | Mod
     ids = tokenize(tokenizer, text)
     seq_len = seq_len or default_seq_len(model_dir.config)
     if engine == "infopt":
-        lm = _engine_scorer(model_dir, dtype, kernels)
-        base_lm = _engine_scorer(base_dir, dtype, kernels) if base_dir is not None else None
+        load = lambda folder: _engine_scorer(folder, dtype, kernels)  # noqa: E731
     else:
-        lm = load_causal_lm(model_dir, dtype, trust_remote_code=trust_remote_code)
-        base_lm = load_causal_lm(base_dir, dtype, trust_remote_code=trust_remote_code) if base_dir is not None else None
+        load = lambda folder: load_causal_lm(folder, dtype, trust_remote_code=trust_remote_code)  # noqa: E731
+    lm = load(model_dir)
+    base_lm = load(base_dir) if base_dir is not None else None
     if base_lm is not None and base_lm.config.vocab_size != lm.config.vocab_size:
         raise InfoptError("model and baseline have different vocabularies; they must share a tokenizer")
     batch = default_batch_size(seq_len, lm.config.vocab_size)

@@ -222,19 +222,24 @@ def test_no_ext_environment_selects_torch():
     assert out.split() == ["torch", "extension", "unavailable:", "disabled", "by", "INFOPT_NO_EXT", "True"]
 
 
+def _on_one_and_two_threads(run):
+    """run() with torch's thread count at 1, then at 2 (restored afterwards)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        return one, run()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @needs_ext
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPUs")
 def test_thread_count_does_not_change_results():
     packed = kernels.pack(_weight(256, 4096, 4, 128, False))
     x = torch.randn(5, 4096)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.kernel_matmul(x, packed)
-        torch.set_num_threads(2)
-        two = ops.kernel_matmul(x, packed)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = _on_one_and_two_threads(lambda: ops.kernel_matmul(x, packed))
     assert torch.equal(one, two)  # each row's summation order is fixed, whatever the split
 
 
@@ -337,14 +342,7 @@ def test_int8_activation_kernel_takes_bf16_and_is_thread_invariant():
     packed = kernels.pack(_weight(256, 4096, 4, 128, False))
     x = torch.randn(6, 4096)
     assert torch.equal(ops.kernel_matmul_a8(x.bfloat16(), packed), ops.kernel_matmul_a8(x.bfloat16().float(), packed))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.kernel_matmul_a8(x, packed)
-        torch.set_num_threads(2)
-        two = ops.kernel_matmul_a8(x, packed)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = _on_one_and_two_threads(lambda: ops.kernel_matmul_a8(x, packed))
     assert torch.equal(one, two)
 
 

@@ -181,18 +181,16 @@ class DenseLinear(nn.Module):
         super().__init__()
         self.weight, self.bias = weight, bias
         self.use_kernel = use_kernel
-        self._kernel_limit: tuple[torch.Tensor, int] | None = None  # (weight, elements) checked once per weight
+        # most input elements the kernel takes (0: never); use_kernel is only set for CPU weights, which stay there
+        self.kernel_elements = kernels.dense_kernel_tokens(weight) * weight.shape[1] if use_kernel else 0
 
-    def _kernel_elements(self) -> int:
-        """Most input elements the kernel takes for this weight (0: never); rechecked if the weight is replaced."""
-        if self._kernel_limit is None or self._kernel_limit[0] is not self.weight:
-            limit = kernels.dense_kernel_tokens(self.weight) * self.weight.shape[1] if self.use_kernel else 0
-            self._kernel_limit = (self.weight, limit)
-        return self._kernel_limit[1]
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_f = self.weight.shape[1]
-        if x.numel() <= self._kernel_elements():
+        if x.numel() <= self.kernel_elements:
             y = kernels.dense_matmul(x.reshape(-1, in_f), self.weight)
             if self.bias is not None:
                 y = y + self.bias
@@ -215,7 +213,7 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
     weights = [p.weight for p in parts]
     if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
         return None
-    bias = concat_bias([p.bias for p in parts], [w.shape[0] for w in weights])
+    bias = concat_bias([p.bias for p in parts], [p.out_features for p in parts])
     return DenseLinear(torch.cat(weights), bias, parts[0].use_kernel)
 
 
@@ -224,7 +222,7 @@ class Projections(nn.Module):
 
     def __init__(self, parts: list[nn.Module], fuse: bool = True) -> None:
         super().__init__()
-        self.sizes = [_out_features(p) for p in parts]
+        self.sizes = [p.out_features for p in parts]
         self.fused = fuse_linears(parts) if fuse and len(parts) > 1 else None
         self.parts = nn.ModuleList([] if self.fused is not None else parts)
 
@@ -232,10 +230,6 @@ class Projections(nn.Module):
         if self.fused is not None:
             return self.fused(x).split(self.sizes, dim=-1)
         return tuple(p(x) for p in self.parts)
-
-
-def _out_features(linear: nn.Module) -> int:
-    return linear.weight.shape[0] if isinstance(linear, DenseLinear) else linear.out_features
 
 
 class Attention(nn.Module):

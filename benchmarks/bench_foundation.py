@@ -15,7 +15,7 @@ from infopt.formats.packing import pack_int32
 from infopt.paths import require_data_file
 from infopt.quant.rtn import quantize_rtn
 from infopt.quant.spec import QuantSpec
-from infopt.workflows import QuantizeRequest, convert_llama2c, evaluate_checkpoint, quantize
+from infopt.workflows import make_request, convert_llama2c, evaluate_checkpoint, quantize
 
 
 
@@ -77,7 +77,7 @@ def quality_table(work: Path) -> list[str]:
             f"| fp32 | {(fp / 'model.safetensors').stat().st_size:,} | {base['ppl']:.4f} | | | |"]
     for spec in QUALITY_SPECS:
         out = work / spec.describe().replace(" ", "-")
-        quantize(QuantizeRequest(model=str(fp), spec=spec, out=out))
+        quantize(make_request(model=str(fp), spec=spec, out=out))
         r = evaluate_checkpoint(str(out), "tinystories", baseline=str(fp))
         size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         rows.append(f"| RTN {spec.describe()} | {size:,} | {r['ppl']:.4f} | {r['ppl_delta_rel']:+.2%} | "

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from infopt.models.loading import open_model
 from infopt.quant.spec import QuantSpec
-from infopt.workflows import QuantizeRequest, calibration_set, evaluate_checkpoint
+from infopt.workflows import CalibrationData, calibration_set, evaluate_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -76,9 +76,8 @@ def llmc_cmd(llmc_python: Path, subject: Subject, spec: QuantSpec, calib_file: P
 
 def calibration_file(subject: Subject, work: Path) -> Path:
     """The windows `infopt quantize` will draw, saved for llm-compressor."""
-    req = QuantizeRequest(model=str(subject.path), spec=QuantSpec(), out=None, method="gptq", calib=subject.calib,
-                          calib_samples=subject.samples, calib_seq_len=subject.seq_len)
-    windows = calibration_set(req, open_model(str(subject.path)))
+    calibration = CalibrationData(dataset=subject.calib, samples=subject.samples, seq_len=subject.seq_len)
+    windows = calibration_set(calibration, open_model(str(subject.path)))
     path = work / f"calib-{subject.name}.safetensors"
     save_file({"input_ids": windows.contiguous()}, str(path))
     return path

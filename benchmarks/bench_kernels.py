@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from infopt.quant.rtn import QuantizedWeight, quantize_rtn  # noqa: E402
+from infopt.quant.rtn import quantize_rtn  # noqa: E402
+from infopt.quant.weights import QuantizedWeight  # noqa: E402
 from infopt.quant.spec import QuantSpec  # noqa: E402
 from infopt.runtime import kernels  # noqa: E402
 from infopt.runtime.kernels import build, ops  # noqa: E402

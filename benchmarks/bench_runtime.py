@@ -31,14 +31,14 @@ def decode_model_dirs() -> dict[str, Path]:
     from synthetic import llama_config, make_synthetic_llama
 
     from infopt.quant.spec import QuantSpec
-    from infopt.workflows import QuantizeRequest, quantize
+    from infopt.workflows import make_request, quantize
 
     source = make_synthetic_llama(CACHE / "synthetic-541m", llama_config(12, 2048, 5632, 16, 4, context=4096))
     dirs = {"fp32": source, "bf16": source}
     for name, spec in {"int8": QuantSpec(8, -1, True), "int4-g128": QuantSpec(4, 128, True)}.items():
         out = CACHE / f"synthetic-541m-{name}"
         if not (out / "config.json").is_file():
-            quantize(QuantizeRequest(model=str(source), spec=spec, out=out))
+            quantize(make_request(model=str(source), spec=spec, out=out))
         dirs[name] = out
     return dirs
 
@@ -246,7 +246,7 @@ def activation_quality_lines(bench_model: Path, stories: Path) -> list[str]:
     """What int8 activations (--kernels ext-a8) cost in quality: int4 RTN checkpoints scored by transformers
     (dequantized) and by the engine with the exact and the int8-activation kernels, against the fp32 model."""
     from infopt.quant.spec import QuantSpec
-    from infopt.workflows import QuantizeRequest, evaluate_checkpoint, quantize
+    from infopt.workflows import make_request, evaluate_checkpoint, quantize
 
     cases = [(f"bench model ({bench_model.name}), int4 g128 RTN", bench_model, QuantSpec(4, 128, True), "wikitext2", 512),
              ("stories260K, int4 per-channel asym RTN", stories, QuantSpec(4, -1, False), "tinystories", 256)]
@@ -258,7 +258,7 @@ def activation_quality_lines(bench_model: Path, stories: Path) -> list[str]:
     for label, source, spec, dataset, seq_len in cases:
         out = CACHE / f"{source.name}-rtn-{spec.bits}-{spec.group_size}-{'sym' if spec.symmetric else 'asym'}"
         if not (out / "config.json").is_file():
-            quantize(QuantizeRequest(model=str(source), spec=spec, out=out))
+            quantize(make_request(model=str(source), spec=spec, out=out))
         for scorer, engine, kernel in (("transformers (dequantized)", "transformers", None),
                                        ("infopt, exact kernels", "infopt", "ext"),
                                        ("infopt, int8 activations (`ext-a8`)", "infopt", "ext-a8")):

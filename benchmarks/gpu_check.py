@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from infopt.quant.rtn import QuantizedWeight  # noqa: E402
+from infopt.quant.weights import QuantizedWeight  # noqa: E402
 from infopt.quant.spec import QuantSpec  # noqa: E402
 from infopt.runtime.kernels import triton_int4 as ti  # noqa: E402
 

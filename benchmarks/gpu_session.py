@@ -24,11 +24,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def quantize_on(device: str, model: Path, method: str, out: Path) -> float:
     from infopt.quant.spec import QuantSpec
-    from infopt.workflows import QuantizeRequest, quantize
+    from infopt.workflows import CalibrationData, make_request, quantize
 
     start = time.perf_counter()
-    quantize(QuantizeRequest(model=str(model), spec=QuantSpec(4, 128, method != "gptq"), out=out, method=method,
-                             calib="wikitext2", calib_samples=64, calib_seq_len=512, device=device, force=True))
+    quantize(make_request(model=str(model), spec=QuantSpec(4, 128, method != "gptq"), out=out, method=method,
+                          calibration=CalibrationData(dataset="wikitext2", samples=64, seq_len=512), device=device,
+                          force=True))
     return time.perf_counter() - start
 
 
@@ -75,13 +76,13 @@ def runtime_rows(work: Path) -> tuple[list[str], dict]:
     from infopt.models.loading import open_model
     from infopt.quant.spec import QuantSpec
     from infopt.runtime.model import load_engine_model
-    from infopt.workflows import QuantizeRequest, quantize
+    from infopt.workflows import make_request, quantize
 
     source = make_synthetic_llama(work / "synthetic-541m", llama_config(12, 2048, 5632, 16, 4, context=4096))
     variants = {"fp32": (source, torch.float32), "fp16": (source, torch.float16)}
     for name, spec in {"int8": QuantSpec(8, -1, True), "int4-g128": QuantSpec(4, 128, True)}.items():
         out = work / f"synthetic-{name}"
-        quantize(QuantizeRequest(model=str(source), spec=spec, out=out, force=True))
+        quantize(make_request(model=str(source), spec=spec, out=out, force=True))
         variants[name] = (out, torch.float16)
     lines = ["Synthetic Llama, 541M parameters (12 x 2048, random weights), greedy decode of 64 tokens after a "
              "17-token prompt; quantized linears through the Triton kernels, activations fp16.", "",

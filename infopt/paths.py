@@ -46,6 +46,16 @@ def check_output_target(target: Path, force: bool) -> None:
         raise InfoptError(f"cannot write {target}: {target.parent} is not a folder")
 
 
+def inputs_overlap(out: Path, inputs: list[Path]) -> bool:
+    """Whether `out` is, lies inside, or contains any of `inputs` (writing it could then destroy an input)."""
+    target = Path(out).resolve()
+    for item in inputs:
+        source = Path(item).resolve()
+        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+            return True
+    return False
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; move it into place only if the block succeeds."""

@@ -5,6 +5,7 @@ Data flows one way: source checkpoint -> plan -> quantized tensors -> format wri
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -17,23 +18,24 @@ import torch
 
 from infopt.calibration.sources import load_text
 from infopt.calibration.windows import calibration_windows, tokenize
+from infopt.device import resolve_device
 from infopt.errors import InfoptError
+from infopt.eval.gates import QualityGates
 from infopt.eval.perplexity import default_batch_size, default_seq_len, evaluate
 from infopt.formats import artifact
-from infopt.formats.writers import DEFAULT_FORMAT, FOUR_BIT_METHODS, OutputFormat, output_format
+from infopt.formats.writers import OutputFormat, output_format
 from infopt.formats.safetensors_io import ShardedWriter, check_safetensors, iter_tensors
 from infopt.models import llama2c
 from infopt.models.adapters import adapter_for
 from infopt.models.loading import ModelDir, load_causal_lm, load_state_dict, load_tokenizer, open_model, text_config
-from infopt.paths import atomic_output_dir, check_output_target
+from infopt.paths import atomic_output_dir, check_output_target, inputs_overlap
 from infopt.models.streaming import LayerStream
 from infopt.quant.driver import LayerResult, iter_results, load_part, part_path, prepare_work_dir, run_layers
-from infopt.quant.awq import AWQConfig, AWQMethod
-from infopt.quant.gptq import GPTQConfig, GPTQMethod
-from infopt.quant.nf4 import quantize_4bit
+from infopt.quant.methods import FOUR_BIT, MethodConfig, config_values
 from infopt.quant.precision import resolve_forward_dtype
-from infopt.quant.rtn import Storage, quantize_rtn
-from infopt.quant.spec import QuantPlan, QuantSpec, build_plan
+from infopt.quant.registry import get_method
+from infopt.quant.spec import QuantPlan, QuantSpec, build_plan, parse_override
+from infopt.quant.weights import Storage
 
 Progress = Callable[[str, int, int], None]
 
@@ -70,51 +72,80 @@ def _source_tensors(model: ModelDir) -> Iterator[tuple[str, torch.Tensor]]:
         yield from iter_tensors(model.files)
 
 
-METHODS = ("rtn", "gptq", "awq", "nf4", "fp4")
-CALIBRATED = ("gptq", "awq")
+@dataclass(frozen=True, kw_only=True)
+class CalibrationData:
+    """Which text calibrated methods see, and how it is cut into windows."""
+
+    dataset: str  # wikitext2, tinystories, a .txt/.jsonl/.parquet file or hf:NAME[:CONFIG][:SPLIT]
+    samples: int = 128
+    seq_len: int = 2048  # capped at the model's context
+    seed: int = 0
+    text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise InfoptError(f"invalid calibration samples {self.samples}: at least 1")
+        if self.seq_len < 2:
+            raise InfoptError(f"invalid calibration seq_len {self.seq_len}: at least 2")
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
+class EvaluationSpec:
+    """Where quality is measured against the source model (perplexity, KL, top-1)."""
+
+    datasets: tuple[str, ...]
+    seq_len: int | None = None  # default min(2048, model max)
+    stride: int | None = None
+    max_windows: int | None = None
+    text_field: str = "text"
+
+
+@dataclass(kw_only=True)
 class QuantizeRequest:
     model: str
-    spec: QuantSpec
-    out: Path | None
-    fmt: str | None = None  # None: the method's usual format
+    out: Path | None = None
+    name: str | None = None  # the artifact's name in its recipe and model card (default: the output folder's)
     method: str = "rtn"
+    config: MethodConfig | None = None  # the method's options; None: its defaults
+    fmt: str | None = None  # None: the method's usual format
     ignore: list[str] = field(default_factory=list)
-    overrides: list[tuple[str, QuantSpec | None]] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # REGEX=BITS[:GROUP][:sym|asym] or REGEX=skip
     include_lm_head: bool = False
     force: bool = False
     dry_run: bool = False
     max_shard_bytes: int = 5 * 10**9
     allow_pickle: bool = False
-    eval_dataset: str | None = None
-    eval_max_windows: int | None = None
-    # calibrated methods
-    calib: str | None = None
-    calib_samples: int = 128
-    calib_seq_len: int = 2048
-    calib_seed: int = 0
-    text_field: str = "text"
-    gptq: GPTQConfig = field(default_factory=GPTQConfig)
-    awq: AWQConfig = field(default_factory=AWQConfig)
-    device: str = "auto"
+    calibration: CalibrationData | None = None  # calibrated methods only
+    evaluation: EvaluationSpec | None = None  # measured into the model card
+    gates: QualityGates | None = None  # limits on the evaluation's figures (report["gates"]; the CLI exits 1)
     resume: bool = False
-    offload_activations: bool = False
-    activation_dtype: torch.dtype | None = None
-    forward_dtype: str = "auto"  # layer forwards' matmuls: auto, float32 or bfloat16 (see resolve_forward_dtype)
-    # nf4 / fp4 (bitsandbytes)
-    block_size: int = 64
-    double_quant: bool = False
+    windows: torch.Tensor | None = None  # calibration windows made already (a release shares them)
+    eval_session: "EvalSession | None" = None  # a baseline already loaded and scored (a release shares it)
+
+    def __post_init__(self) -> None:
+        self.entry = get_method(self.method)
+        if self.config is None:
+            self.config = self.entry.defaults()
+        if not isinstance(self.config, self.entry.config):
+            raise InfoptError(f"--method {self.method} takes {self.entry.config.__name__}, "
+                              f"not {type(self.config).__name__}")
 
     @property
     def format_name(self) -> str:
-        return self.fmt or DEFAULT_FORMAT.get(self.method, "compressed-tensors")
+        return self.fmt or self.entry.default_format
 
     def describe(self) -> str:
-        if self.method in FOUR_BIT_METHODS:
-            return f"{self.method} block {self.block_size}" + (" double-quant" if self.double_quant else "")
-        return self.spec.describe()
+        return f"{self.method} {self.config.describe()}" if self.entry.weights == FOUR_BIT else self.config.describe()
+
+
+def make_request(*, method: str = "rtn", spec: QuantSpec | None = None, **values) -> QuantizeRequest:
+    """A QuantizeRequest from flat keywords: the request's fields by name, everything else the method's options by
+    field name (refused when the method has no such option); `spec` sets bits, group_size and symmetric at once."""
+    fields = {f.name for f in dataclasses.fields(QuantizeRequest)}
+    options = {key: values.pop(key) for key in list(values) if key not in fields}
+    if spec is not None:
+        options.update(bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric)
+    return QuantizeRequest(method=method, config=get_method(method).make_config(options), **values)
 
 
 def plan_quantization(req: QuantizeRequest, model: ModelDir) -> QuantPlan:
@@ -123,24 +154,24 @@ def plan_quantization(req: QuantizeRequest, model: ModelDir) -> QuantPlan:
     adapter = adapter_for(text_config(model.config))
     candidates = adapter.layer_linears(model.num_layers)
     tied = bool(text_config(model.config).get("tie_word_embeddings", False))
-    fmt = output_format(req.format_name, req.method)
+    fmt = output_format(req.format_name, req.entry)
     if req.include_lm_head:
         if fmt.decoder_layers_only:
             raise InfoptError(f"--format {fmt.name} cannot store a quantized lm_head")
-        if req.method in CALIBRATED:
-            raise InfoptError(f"--include-lm-head is not available with --method {req.method} (use rtn)")
+        if req.entry.calibrated:
+            raise InfoptError(f"--include-lm-head is not available with --method {req.method} "
+                              "(calibrated methods quantize decoder layers; use a calibration-free method)")
         if tied:
             raise InfoptError("lm_head shares its weight with the embeddings here; it cannot be quantized alone")
         candidates.append(adapter.lm_head)
     shapes = _linear_shapes(model, candidates)
     if not shapes:
         raise InfoptError(f"{model.path}: none of the {adapter.name} linears were found in the weights")
-    spec = req.spec
-    if req.method in FOUR_BIT_METHODS:
-        if any(o is not None for _, o in req.overrides):
-            raise InfoptError(f"--method {req.method} takes only REGEX=skip overrides")
-        spec = QuantSpec(4, -1, True)  # blockwise over the whole weight: every shape fits
-    plan = build_plan(shapes, spec, req.ignore, req.overrides, fmt.packable)
+    spec = req.config.spec()
+    overrides = [parse_override(o, spec) for o in req.overrides]
+    if req.entry.weights == FOUR_BIT and any(o is not None for _, o in overrides):
+        raise InfoptError(f"--method {req.method} takes only REGEX=skip overrides")
+    plan = build_plan(shapes, spec, req.ignore, overrides, fmt.packable)
     if not plan.quantized:
         raise InfoptError("the plan quantizes nothing: every linear is ignored or skipped")
     if fmt.uniform_spec and len({e.spec for e in plan.quantized}) > 1:
@@ -149,23 +180,12 @@ def plan_quantization(req: QuantizeRequest, model: ModelDir) -> QuantPlan:
     return plan
 
 
-def _four_bit_bytes(shape: tuple[int, int], block: int, double_quant: bool) -> int:
-    numel = shape[0] * shape[1]
-    blocks = -(-numel // block)
-    scales = blocks + 4 * -(-blocks // 256) + 4 * 256 if double_quant else 4 * blocks
-    return -(-numel // 2) + scales + 4 * 16
-
-
 def _expected_bytes(req: QuantizeRequest, plan: QuantPlan, dtype_bytes: int) -> int:
-    if req.method not in FOUR_BIT_METHODS:
-        return plan.expected_bytes(dtype_bytes)
     dense = sum(o * i * dtype_bytes for o, i in (e.shape for e in plan.skipped))
-    return plan.dense_bytes + dense + sum(_four_bit_bytes(e.shape, req.block_size, req.double_quant)
-                                          for e in plan.quantized)
+    return plan.dense_bytes + dense + sum(req.config.weight_bytes(e.spec, e.shape, dtype_bytes) for e in plan.quantized)
 
 
-def _streamed_items(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, storage: Storage, errors: dict[str, float],
-               progress: Progress | None):
+def _streamed_items(quantizer, model: ModelDir, plan: QuantPlan, errors: dict[str, float], progress: Progress | None):
     """Calibration-free methods, one weight at a time as the source is streamed."""
     specs = {e.module: e.spec for e in plan.quantized}
     done = 0
@@ -175,10 +195,7 @@ def _streamed_items(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, stor
         if spec is None:
             yield name, tensor
             continue
-        if req.method in FOUR_BIT_METHODS:
-            q = quantize_4bit(tensor, req.method, req.block_size, req.double_quant)
-        else:
-            q = quantize_rtn(tensor, spec, storage)
+        q = quantizer.quantize_weight(tensor, spec)
         diff = (q.dequantize().float() - tensor.float()).pow(2).sum()
         errors[module] = float(diff / tensor.float().pow(2).sum().clamp_min(1e-30))
         done += 1
@@ -206,25 +223,13 @@ def _calibrated_items(model: ModelDir, work_dir: Path, adapter):
             yield name, result.dense.get(name, tensor)
 
 
-def calibration_set(req: QuantizeRequest, model: ModelDir) -> torch.Tensor:
+def calibration_set(calibration: CalibrationData, model: ModelDir) -> torch.Tensor:
     """The [samples, seq_len] token windows a calibrated method sees (seeded, reproducible)."""
-    if not req.calib:
-        raise InfoptError(f"--method {req.method} needs calibration text: pass --calib (e.g. wikitext2)")
     max_len = text_config(model.config).get("max_position_embeddings")
-    seq_len = min(req.calib_seq_len, max_len) if max_len else req.calib_seq_len
+    seq_len = min(calibration.seq_len, max_len) if max_len else calibration.seq_len
     tokenizer = load_tokenizer(model.path)
-    ids = tokenize(tokenizer, load_text(req.calib, req.text_field))
-    return calibration_windows(ids, req.calib_samples, seq_len, req.calib_seed)
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InfoptError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise InfoptError(f"invalid --device {name!r}: auto, cpu or cuda")
-    return name
+    ids = tokenize(tokenizer, load_text(calibration.dataset, calibration.text_field))
+    return calibration_windows(ids, calibration.samples, seq_len, calibration.seed)
 
 
 def work_dir_for(out: Path) -> Path:
@@ -235,11 +240,12 @@ def _fingerprint(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, windows
                  storage: Storage) -> str:
     digest = hashlib.sha256()
     files = [(p.name, p.stat().st_size) for p in model.files]
+    config = req.config
     settings = {"model": str(model.path.resolve()), "files": files, "config": model.config, "method": req.method,
                 "plan": [(e.module, e.spec.describe() if e.spec else None) for e in plan.entries],
-                "gptq": req.gptq.__dict__, "awq": req.awq.__dict__, "storage": str(storage), "fmt": req.format_name,
-                "activation_dtype": str(req.activation_dtype),
-                "forward_dtype": str(resolve_forward_dtype(req.forward_dtype, req.method, resolve_device(req.device)))}
+                "options": config_values(config), "storage": str(storage), "fmt": req.format_name,
+                "forward_dtype": str(resolve_forward_dtype(config.forward_dtype, req.method,
+                                                           resolve_device(config.device)))}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     digest.update(windows.numpy().tobytes())
     return digest.hexdigest()
@@ -247,43 +253,37 @@ def _fingerprint(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, windows
 
 def _run_calibrated(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, fmt: OutputFormat,
                     progress: Progress | None) -> tuple[Path, dict]:
-    windows = calibration_set(req, model)
-    config = req.gptq
-    if config.act_order and not fmt.supports_g_idx and not config.static_groups:
-        config = replace(config, static_groups=True)
+    windows = req.windows if req.windows is not None else calibration_set(req.calibration, model)
+    config = req.config
     work_dir = work_dir_for(req.out)
     done = prepare_work_dir(work_dir, _fingerprint(req, model, plan, windows, fmt.storage), req.resume, req.force)
-    stream = LayerStream(model, torch.float32, resolve_device(req.device))
-    if req.method == "awq":
-        method = AWQMethod(stream.adapter, req.awq, fmt.storage)
-    else:
-        method = GPTQMethod(config, fmt.storage)
+    stream = LayerStream(model, torch.float32, resolve_device(config.device))
+    method = req.entry.factory(config, fmt.storage, stream.adapter)
     specs = {e.module: e.spec for e in plan.quantized}
-    forward_dtype = resolve_forward_dtype(req.forward_dtype, req.method, str(stream.device))
-    timing = run_layers(stream, windows, specs, method, work_dir, done, req.activation_dtype,
-                        req.offload_activations, progress, forward_dtype)
+    forward_dtype = resolve_forward_dtype(config.forward_dtype, req.method, str(stream.device))
+    timing = run_layers(stream, windows, specs, method, work_dir, done, config.activation_torch_dtype(),
+                        config.offload_activations, progress, forward_dtype)
     info = {}
     for _, result in iter_results(work_dir, stream.num_layers):
         info.update(result.info)
-    details = {"calibration": {"source": req.calib, "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
-                               "seed": req.calib_seed},
-               req.method: (config if req.method == "gptq" else req.awq).__dict__, "device": str(stream.device),
-               "forward_dtype": str(forward_dtype or torch.float32).removeprefix("torch."),
+    calibration = req.calibration
+    details = {"calibration": {"source": calibration.dataset, "samples": int(windows.shape[0]),
+                               "seq_len": int(windows.shape[1]), "seed": calibration.seed},
+               "device": str(stream.device), "forward_dtype": str(forward_dtype or torch.float32).removeprefix("torch."),
                **timing, "layer_info": info, "notes": _scale_notes(info)}
     return work_dir, details
 
 
-def _check_method_options(req: QuantizeRequest) -> None:
-    """Refuse options the chosen method would silently ignore."""
-    if req.method != "gptq" and (req.gptq.act_order or req.gptq.static_groups):
-        raise InfoptError("--act-order and --static-groups apply to --method gptq only")
-    if req.method not in CALIBRATED and (req.calib or req.resume):
-        raise InfoptError(f"--method {req.method} needs no calibration; drop --calib/--resume")
-    if req.method not in FOUR_BIT_METHODS and req.double_quant:
-        raise InfoptError("--double-quant applies to --method nf4/fp4 only")
-    resolve_forward_dtype(req.forward_dtype, req.method, "cpu")  # refuses an unknown choice
-    if req.method not in CALIBRATED and req.forward_dtype != "auto":
-        raise InfoptError(f"--forward-dtype applies to calibrated methods (gptq, awq), not {req.method}")
+def _check_request(req: QuantizeRequest) -> None:
+    """Refuse what the chosen method would silently ignore, or could not run without."""
+    if req.entry.calibrated:
+        if req.calibration is None and req.windows is None:
+            raise InfoptError(f"--method {req.method} needs calibration text: pass --calib (e.g. wikitext2)")
+        resolve_device(req.config.device)
+    elif req.calibration is not None or req.resume:
+        raise InfoptError(f"--method {req.method} needs no calibration; drop --calib/--calib-*/--resume")
+    if req.gates is not None and req.evaluation is None:
+        raise InfoptError("quality gates need an evaluation (datasets to measure on)")
 
 
 def _scale_notes(info: dict[str, dict]) -> list[str]:
@@ -299,15 +299,15 @@ def _scale_notes(info: dict[str, dict]) -> list[str]:
 
 def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     """Plan, quantize and write a checkpoint; with dry_run only the plan is returned."""
-    if req.method not in METHODS:
-        raise InfoptError(f"method {req.method!r} is not available (available: {', '.join(METHODS)})")
-    fmt = output_format(req.format_name, req.method)
-    _check_method_options(req)
-    if req.method in CALIBRATED:
-        resolve_device(req.device)
+    from infopt.release.recipe import request_recipe
+
+    fmt = output_format(req.format_name, req.entry)
+    _check_request(req)
     if req.out is not None and not req.dry_run:
         check_output_target(req.out, req.force)
     model = open_model(req.model, req.allow_pickle)
+    if req.out is not None and not req.dry_run and inputs_overlap(req.out, [model.path]):
+        raise InfoptError(f"--out {req.out} overlaps the source model {model.path}; write somewhere else")
     plan = plan_quantization(req, model)
     dtype_bytes = _source_dtype(model).itemsize
     report = {
@@ -315,8 +315,9 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
         "method": req.method,
         "format": fmt.name,
         "spec": req.describe(),
+        "options": config_values(req.config),
         "quantized": [{"module": e.module, "shape": list(e.shape),
-                       "spec": req.describe() if req.method in FOUR_BIT_METHODS else e.spec.describe()}
+                       "spec": req.describe() if req.entry.weights == FOUR_BIT else e.spec.describe()}
                       for e in plan.quantized],
         "skipped": [{"module": e.module, "reason": e.note} for e in plan.skipped],
         "warnings": plan.warnings,
@@ -330,19 +331,19 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     start = time.perf_counter()
     adapter = adapter_for(text_config(model.config))
     errors: dict[str, float] = {}
-    method_info = {"method": req.method, "quant_type": req.method, "double_quant": req.double_quant,
-                   "compute_dtype": _source_dtype(model)}
-    if req.method in CALIBRATED:
+    record = replace(req.config.record(req.method, fmt.storage), compute_dtype=_source_dtype(model))
+    report["record"] = {k: str(v).removeprefix("torch.") if k == "compute_dtype" else v
+                        for k, v in dataclasses.asdict(record).items()}
+    if req.entry.calibrated:
         work_dir, details = _run_calibrated(req, model, plan, fmt, progress)
         report.update(details)
-        method_info.update(details[req.method])
         errors = {m: i["output_error"] for m, i in details["layer_info"].items()}
         report["error_metric"] = "rel. output MSE"
         items = _calibrated_items(model, work_dir, adapter)
     else:
         work_dir = None
         report["error_metric"] = "relative weight MSE"
-        items = _streamed_items(req, model, plan, fmt.storage, errors, progress)
+        items = _streamed_items(req.entry.factory(req.config, fmt.storage, adapter), model, plan, errors, progress)
     with atomic_output_dir(req.out, req.force) as tmp:
         writer = ShardedWriter(tmp, req.max_shard_bytes)
         specs = fmt.write_weights(writer, items)
@@ -351,25 +352,32 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
         if adapter.lm_head not in specs:
             dense.append(adapter.lm_head)
         config = dict(model.config)
-        config["quantization_config"] = fmt.config(specs, dense, method_info)
+        config["quantization_config"] = fmt.config(specs, dense, record)
         artifact.write_config(tmp, config)
         fmt.side_files(tmp, config["quantization_config"])
         artifact.copy_side_files(model.path, tmp)
         metrics = {}
-        if req.eval_dataset:
-            metrics = evaluate_checkpoint(str(tmp), req.eval_dataset, baseline=model, max_windows=req.eval_max_windows)
+        if req.evaluation is not None:
+            session = req.eval_session or EvalSession(model)
+            e = req.evaluation
+            metrics = {dataset: session.score(tmp, dataset, e.seq_len, e.stride, e.max_windows, e.text_field, progress)
+                       for dataset in e.datasets}
             report["eval"] = metrics
+        if req.gates is not None:
+            report["gates"] = {"limits": dataclasses.asdict(req.gates), "failures": req.gates.failures(metrics)}
         settings = {"method": req.method, "format": fmt.name, "scheme": req.describe(),
                     "quantized linears": len(specs), "ignored": ", ".join(sorted(dense))}
         if "calibration" in report:
             c = report["calibration"]
             settings["calibration"] = f"{c['source']}: {c['samples']} windows x {c['seq_len']} tokens, seed {c['seed']}"
+        (tmp / artifact.RECIPE).write_text(request_recipe(req))
         artifact.write_model_card(tmp, {
-            "name": req.out.name,
+            "name": req.name or req.out.name,
             "source": Path(req.model).name if Path(req.model).exists() else req.model,
             "settings": settings,
             "skipped": [e.module for e in plan.skipped],
-            "metrics": _card_metrics(metrics, req.eval_dataset),
+            "metrics": _card_metrics(metrics),
+            "recipe": True,
         })
         artifact.write_manifest(tmp)
     if work_dir is not None:
@@ -384,23 +392,69 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     return report
 
 
-def _card_metrics(metrics: dict, dataset: str | None) -> dict:
-    if not metrics:
-        return {}
-    out = {"dataset": dataset, "perplexity": f"{metrics['ppl']:.4f}", "tokens": metrics["tokens"],
-           "seq_len": metrics["seq_len"]}
-    if "baseline_ppl" in metrics:
-        out.update({"baseline perplexity": f"{metrics['baseline_ppl']:.4f}",
-                    "relative change": f"{metrics['ppl_delta_rel']:+.4%}",
-                    "KL(baseline || this)": f"{metrics['kl_mean']:.6f}",
-                    "top-1 agreement": f"{metrics['top1_agreement']:.4%}"})
-    return out
+def _card_metrics(metrics: dict[str, dict]) -> list[dict]:
+    rows = []
+    for dataset, m in metrics.items():
+        row = {"dataset": dataset, "perplexity": f"{m['ppl']:.4f}", "tokens": m["tokens"], "seq_len": m["seq_len"]}
+        if "baseline_ppl" in m:
+            row.update({"baseline perplexity": f"{m['baseline_ppl']:.4f}",
+                        "relative change": f"{m['ppl_delta_rel']:+.4%}",
+                        "KL(baseline || this)": f"{m['kl_mean']:.6f}",
+                        "top-1 agreement": f"{m['top1_agreement']:.4%}"})
+        rows.append(row)
+    return rows
 
 
 def _source_dtype(model: ModelDir) -> torch.dtype:
     """The checkpoint's declared float dtype (float32 unless it says float16 or bfloat16)."""
     dtype = str(text_config(model.config).get("torch_dtype") or model.config.get("dtype") or "float32")
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype.removeprefix("torch."), torch.float32)
+
+
+class EvalSession:
+    """Scores checkpoints against one baseline: the baseline is loaded once, each dataset tokenized once, and the
+    baseline's log-probabilities of every window batch kept (within `cache_bytes`) for every later comparison, so
+    comparing N checkpoints costs N + 1 forward passes per window, not 2N."""
+
+    def __init__(self, baseline: ModelDir | None, loader: Callable[[ModelDir], object] | None = None,
+                 tokenizer_dir: Path | None = None, trust_remote_code: bool = False, cache_bytes: int = 2**30):
+        self.baseline = baseline
+        self.load = loader or (lambda folder: load_causal_lm(folder, torch.float32))
+        self.tokenizer_dir = tokenizer_dir or (baseline.path if baseline is not None else None)
+        self.trust_remote_code = trust_remote_code
+        self._base_lm = None
+        self.last_model = None  # the model scored last (for reports on how it ran)
+        self._ids: dict[tuple[str, str], torch.Tensor] = {}
+        self._log_probs: dict[tuple, dict] = {}
+        self._budget = {"left": cache_bytes}
+
+    def token_ids(self, dataset: str, text_field: str = "text") -> torch.Tensor:
+        key = (dataset, text_field)
+        if key not in self._ids:
+            tokenizer = load_tokenizer(self.tokenizer_dir, self.trust_remote_code)
+            self._ids[key] = tokenize(tokenizer, load_text(dataset, text_field))
+        return self._ids[key]
+
+    def score(self, model: str | Path | ModelDir, dataset: str, seq_len: int | None = None, stride: int | None = None,
+              max_windows: int | None = None, text_field: str = "text", progress: Progress | None = None) -> dict:
+        model_dir = model if isinstance(model, ModelDir) else open_model(str(model))
+        if self.tokenizer_dir is None:
+            self.tokenizer_dir = model_dir.path
+        ids = self.token_ids(dataset, text_field)
+        seq_len = seq_len or default_seq_len(model_dir.config)
+        lm = self.last_model = self.load(model_dir)
+        if self.baseline is not None and self._base_lm is None:
+            self._base_lm = self.load(self.baseline)
+        if self._base_lm is not None and self._base_lm.config.vocab_size != lm.config.vocab_size:
+            raise InfoptError("model and baseline have different vocabularies; they must share a tokenizer")
+        cache = None
+        if self._base_lm is not None:
+            cache = self._log_probs.setdefault((dataset, text_field, seq_len, stride), {"budget": self._budget})
+        report = evaluate(lm, ids, seq_len, stride, max_windows, self._base_lm,
+                          default_batch_size(seq_len, lm.config.vocab_size),
+                          (lambda d, t: progress("eval", d, t)) if progress else None, baseline_cache=cache)
+        report["dataset"] = dataset
+        return report
 
 
 def evaluate_checkpoint(model: str | ModelDir, dataset: str, baseline: str | ModelDir | None = None,
@@ -423,27 +477,16 @@ def evaluate_checkpoint(model: str | ModelDir, dataset: str, baseline: str | Mod
     if engine == "infopt":
         for folder in (model_dir, base_dir):
             _check_engine_support(folder)
-    text = load_text(dataset, text_field)
-    tokenizer = load_tokenizer(model_dir.path, trust_remote_code)
-    ids = tokenize(tokenizer, text)
-    seq_len = seq_len or default_seq_len(model_dir.config)
-    if engine == "infopt":
         load = lambda folder: _engine_scorer(folder, dtype, kernels)  # noqa: E731
     else:
         load = lambda folder: load_causal_lm(folder, dtype, trust_remote_code=trust_remote_code)  # noqa: E731
-    lm = load(model_dir)
-    base_lm = load(base_dir) if base_dir is not None else None
-    if base_lm is not None and base_lm.config.vocab_size != lm.config.vocab_size:
-        raise InfoptError("model and baseline have different vocabularies; they must share a tokenizer")
-    batch = default_batch_size(seq_len, lm.config.vocab_size)
-    report = evaluate(lm, ids, seq_len, stride, max_windows, base_lm, batch,
-                      (lambda d, t: progress("eval", d, t)) if progress else None)
-    report["dataset"] = dataset
+    session = EvalSession(base_dir, load, model_dir.path, trust_remote_code)
+    report = session.score(model_dir, dataset, seq_len, stride, max_windows, text_field, progress)
     report["engine"] = engine
     if engine == "infopt":
         from infopt.runtime.runner import linear_backends
 
-        report["quantized_linears"] = linear_backends(lm.model)
+        report["quantized_linears"] = linear_backends(session.last_model.model)
     return report
 
 

@@ -8,7 +8,7 @@ from infopt.eval.footprint import model_shape
 from infopt.models.adapters import ADAPTERS, adapter_for
 from infopt.models.loading import load_causal_lm
 from infopt.quant.spec import QuantSpec
-from infopt.workflows import QuantizeRequest, quantize
+from infopt.workflows import make_request, quantize
 from tests.tiny_models import ARCH_CONFIGS, make_tiny_model
 
 
@@ -39,7 +39,7 @@ def test_architecture_end_to_end(arch, tmp_path):
     assert model_shape(config).total_params == sum(p.numel() for p in reference.parameters())
 
     out = tmp_path / "q"
-    report = quantize(QuantizeRequest(model=str(src), spec=QuantSpec(4, 16, False), out=out))
+    report = quantize(make_request(model=str(src), spec=QuantSpec(4, 16, False), out=out))
     assert {e["module"] for e in report["quantized"]} == linears
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
     ours = load_causal_lm(str(out))

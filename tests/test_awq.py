@@ -11,7 +11,7 @@ from infopt.models.loading import load_causal_lm, open_model
 from infopt.models.streaming import LayerStream, move_kwargs
 from infopt.quant.awq import AWQConfig, fold_scale
 from infopt.quant.spec import QuantSpec
-from infopt.workflows import QuantizeRequest, evaluate_checkpoint, quantize, work_dir_for
+from infopt.workflows import CalibrationData, make_request, evaluate_checkpoint, quantize, work_dir_for
 from tests.tiny_models import ARCH_CONFIGS, copy_tokenizer, make_tiny_model
 
 
@@ -49,11 +49,11 @@ def tiny(tmp_path_factory, stories_hf):
     return copy_tokenizer(stories_hf, path)
 
 
-def _awq(src, out, **kw):
-    args = dict(model=str(src), spec=QuantSpec(4, 32, False), out=out, method="awq", calib="tinystories",
-                calib_samples=8, calib_seq_len=64, awq=AWQConfig(grid=5, clip_grid=10))
+def _awq(src, out, samples=8, seq_len=64, **kw):
+    args = dict(model=str(src), spec=QuantSpec(4, 32, False), out=out, method="awq", grid=5, clip_grid=10,
+                calibration=CalibrationData(dataset="tinystories", samples=samples, seq_len=seq_len))
     args.update(kw)
-    return quantize(QuantizeRequest(**args))
+    return quantize(make_request(**args))
 
 
 def _bytes(folder):
@@ -95,9 +95,9 @@ def test_awq_checkpoint_loads_in_transformers_and_resumes_identically(tiny, tmp_
 def test_awq_beats_rtn_on_stories260k_and_reports_unfoldable_groups(stories_hf, tmp_path):
     spec = QuantSpec(3, -1, False)
     awq_out, rtn_out = tmp_path / "awq", tmp_path / "rtn"
-    report = _awq(stories_hf, awq_out, spec=spec, calib_samples=16, calib_seq_len=256,
-                  awq=AWQConfig(grid=10, clip_grid=20))
-    quantize(QuantizeRequest(model=str(stories_hf), spec=spec, out=rtn_out))
+    report = _awq(stories_hf, awq_out, spec=spec, samples=16, seq_len=256,
+                  grid=10, clip_grid=20)
+    quantize(make_request(model=str(stories_hf), spec=spec, out=rtn_out))
     assert any("self_attn.o_proj: no AWQ scale" in n and "grouped-query" in n for n in report["notes"])
     config = json.loads((awq_out / "config.json").read_text())
     assert "model.layers.0.input_layernorm.weight" not in config  # sanity: config untouched by folding

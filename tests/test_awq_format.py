@@ -13,7 +13,8 @@ from infopt.errors import InfoptError  # noqa: E402
 from infopt.formats import artifact, awq, registry  # noqa: E402
 from infopt.formats.safetensors_io import ShardedWriter, load_tensors, weight_files  # noqa: E402
 from infopt.models.loading import load_causal_lm  # noqa: E402
-from infopt.quant.rtn import QuantizedWeight, quantize_rtn  # noqa: E402
+from infopt.quant.rtn import quantize_rtn  # noqa: E402
+from infopt.quant.weights import QuantizedWeight  # noqa: E402
 from infopt.quant.spec import QuantSpec  # noqa: E402
 from tests.test_gptq_format import TINY_GPTQ, _act_order, _close, _save_tokenizer  # noqa: E402
 
@@ -42,7 +43,7 @@ def _write(tmp_path, items, dense=()):
     writer = ShardedWriter(tmp_path)
     specs = awq.write_weights(writer, items)
     writer.close()
-    return awq.quantization_config(specs, list(dense), {})
+    return awq.quantization_config(specs, list(dense))
 
 
 def _read(tmp_path, qconfig):
@@ -177,9 +178,9 @@ def test_mixed_schemes_lm_head_act_order_and_inexact_scales_are_refused(tmp_path
     with pytest.raises(InfoptError, match="one scheme"):
         awq.write_weights(_Collect(), [(f"{MODULE}.weight", a), ("model.layers.1.mlp.up_proj.weight", b)])
     with pytest.raises(InfoptError, match="one scheme"):
-        awq.quantization_config({MODULE: a.spec, "model.layers.1.mlp.up_proj": b.spec}, [], {})
+        awq.quantization_config({MODULE: a.spec, "model.layers.1.mlp.up_proj": b.spec}, [])
     with pytest.raises(InfoptError, match="at least one"):
-        awq.quantization_config({}, ["lm_head"], {})
+        awq.quantization_config({}, ["lm_head"])
     with pytest.raises(InfoptError, match="decoder blocks"):
         awq.write_weights(_Collect(), [("lm_head.weight", a)])
     with pytest.raises(InfoptError, match="g_idx"):
@@ -208,14 +209,14 @@ def test_packable_reasons():
 def test_config_keys_and_dense_modules():
     spec = QuantSpec(4, 128, False)
     modules = {f"model.layers.{i}.{p}": spec for i in range(2) for p in ("self_attn.q_proj", "mlp.up_proj")}
-    plain = awq.quantization_config(modules, ["lm_head"], {"duo_scaling": True})
+    plain = awq.quantization_config(modules, ["lm_head"])
     assert plain == {"quant_method": "awq", "version": "gemm", "format": "gemm", "bits": 4, "group_size": 128,
                      "zero_point": True, "sym": False, "desc_act": False, "modules_to_not_convert": ["lm_head"]}
     dense = ["lm_head", "model.layers.1.mlp.down_proj"]
-    mixed = awq.quantization_config(modules, dense, {})
+    mixed = awq.quantization_config(modules, dense)
     assert mixed["modules_to_not_convert"] == dense
     assert list(mixed["dynamic"]) == [r"-:^model\.layers\.1\.mlp\.down_proj$"]
-    assert awq.quantization_config({MODULE: QuantSpec(4, 64, True)}, [], {})["modules_to_not_convert"] is None
+    assert awq.quantization_config({MODULE: QuantSpec(4, 64, True)}, [])["modules_to_not_convert"] is None
 
 
 # --- other loaders ---------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def _checkpoint(src, out, spec, dense=()):
     specs = awq.write_weights(writer, items.items())
     writer.close()
     config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = awq.quantization_config(specs, ["lm_head", *dense], {})
+    config["quantization_config"] = awq.quantization_config(specs, ["lm_head", *dense])
     (out / "config.json").write_text(json.dumps(config, indent=2))
     artifact.copy_side_files(src, out)
     return out, written, dense

@@ -56,7 +56,7 @@ def test_bad_models_fail_cleanly(case, words, broken_models, tmp_path):
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--bits", "5"], "invalid bits 5"),
+    (["--bits", "5"], "invalid --bits 5"),
     (["--group-size", "0"], "invalid group size 0"),
     (["--override", "bad"], "invalid override"),
     (["--method", "awq2"], "not available"),
@@ -67,7 +67,10 @@ def test_bad_models_fail_cleanly(case, words, broken_models, tmp_path):
     (["--format", "gguf"], "not available"),
     (["--method", "gptq", "--group-size", "-1", "--calib", "tinystories", "--forward-dtype", "half"],
      "invalid --forward-dtype"),
-    (["--bits", "8", "--group-size", "-1", "--forward-dtype", "bfloat16"], "applies to calibrated methods"),
+    (["--bits", "8", "--group-size", "-1", "--forward-dtype", "bfloat16"], "does not apply to --method rtn"),
+    (["--method", "nf4", "--bits", "4"], "--bits 4 does not apply to --method nf4"),
+    (["--method", "awq", "--calib", "tinystories", "--damp", "0.1"], "--damp 0.1 does not apply to --method awq"),
+    (["--calib-samples", "4"], "--method rtn needs no calibration"),
 ])
 def test_bad_options_fail_cleanly(args, words, stories_hf, tmp_path):
     out = tmp_path / "out"

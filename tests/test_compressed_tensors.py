@@ -10,8 +10,8 @@ from compressed_tensors.quantization import QuantizationConfig
 from infopt.formats import registry
 from infopt.formats.safetensors_io import load_tensors, weight_files
 from infopt.models.loading import load_causal_lm
-from infopt.quant.spec import QuantSpec, parse_override
-from infopt.workflows import QuantizeRequest, quantize
+from infopt.quant.spec import QuantSpec
+from infopt.workflows import make_request, quantize
 from tests.tiny_models import make_tiny_model
 
 SPECS = [QuantSpec(4, 32, True), QuantSpec(4, -1, False), QuantSpec(8, -1, True), QuantSpec(8, 64, False),
@@ -24,7 +24,7 @@ def tiny_llama(tmp_path_factory):
 
 
 def _write(src, out, spec, **kw):
-    return quantize(QuantizeRequest(model=str(src), spec=spec, out=out, **kw))
+    return quantize(make_request(model=str(src), spec=spec, out=out, **kw))
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe().replace(" ", "-"))
@@ -71,7 +71,7 @@ def test_transformers_loads_output_and_logits_match_reader(tiny_llama, tmp_path,
 def test_mixed_schemes_write_one_group_per_scheme_and_load(tiny_llama, tmp_path):
     out = tmp_path / "q"
     spec = QuantSpec(4, 32, True)
-    report = _write(tiny_llama, out, spec, overrides=[parse_override(r"mlp\.down_proj$=8:-1:asym", spec)],
+    report = _write(tiny_llama, out, spec, overrides=[r"mlp\.down_proj$=8:-1:asym"],
                     ignore=[r"layers\.1\.self_attn\.o_proj"])
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert len(config["config_groups"]) == 2

@@ -10,7 +10,7 @@ from infopt.formats.safetensors_io import weight_files
 from infopt.quant.gptq import GPTQConfig, Hessian, gptq_quantize, output_error
 from infopt.quant.rtn import quantize_rtn
 from infopt.quant.spec import QuantSpec
-from infopt.workflows import QuantizeRequest, quantize, work_dir_for
+from infopt.workflows import CalibrationData, make_request, quantize, work_dir_for
 from tests.tiny_models import copy_tokenizer, make_tiny_model
 
 
@@ -95,11 +95,11 @@ def tiny_llama(tmp_path_factory, stories_hf):
     return copy_tokenizer(stories_hf, path)
 
 
-def _gptq(src, out, **kw):
-    args = dict(model=str(src), spec=QuantSpec(4, 32, False), out=out, method="gptq", calib="tinystories",
-                calib_samples=8, calib_seq_len=64)
+def _gptq(src, out, seed=0, **kw):
+    args = dict(model=str(src), spec=QuantSpec(4, 32, False), out=out, method="gptq",
+                calibration=CalibrationData(dataset="tinystories", samples=8, seq_len=64, seed=seed))
     args.update(kw)
-    return quantize(QuantizeRequest(**args))
+    return quantize(make_request(**args))
 
 
 def _bytes(folder):
@@ -130,7 +130,7 @@ def test_resume_after_an_interruption_gives_the_identical_checkpoint(tiny_llama,
     with pytest.raises(InfoptError, match="--resume"):
         _gptq(tiny_llama, resumed)
     with pytest.raises(InfoptError, match="other inputs or settings"):
-        _gptq(tiny_llama, resumed, resume=True, calib_seed=1)
+        _gptq(tiny_llama, resumed, resume=True, seed=1)
     monkeypatch.setattr(gptq_module.GPTQMethod, "quantize_layer", original)
     calls.clear()
     report = _gptq(tiny_llama, resumed, resume=True)
@@ -146,7 +146,7 @@ def test_same_inputs_and_seed_give_identical_bytes_and_offload_changes_nothing(t
     _gptq(tiny_llama, c, offload_activations=True)
     assert _bytes(a) == _bytes(b) == _bytes(c)
     d = tmp_path / "d"
-    _gptq(tiny_llama, d, calib_seed=3)
+    _gptq(tiny_llama, d, seed=3)
     assert _bytes(d) != _bytes(a)
 
 
@@ -156,8 +156,8 @@ def test_gptq_checkpoint_loads_in_transformers_with_act_order(tiny_llama, tmp_pa
     from infopt.models.loading import load_causal_lm
 
     out = tmp_path / "q"
-    report = _gptq(tiny_llama, out, gptq=GPTQConfig(act_order=True), activation_dtype=torch.bfloat16)
-    assert report["gptq"]["static_groups"]  # compressed-tensors keeps act-order only with static groups
+    report = _gptq(tiny_llama, out, act_order=True, activation_dtype="bfloat16")
+    assert report["record"]["static_groups"] and report["options"]["static_groups"] is False  # compressed-tensors keeps act-order only with static groups
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qconfig["config_groups"]["group_0"]["weights"]["actorder"] == "weight"
     ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
@@ -171,7 +171,7 @@ def test_gptq_checkpoint_loads_in_transformers_with_act_order(tiny_llama, tmp_pa
 
 def test_calibrated_methods_need_calibration_text(tiny_llama, tmp_path):
     with pytest.raises(InfoptError, match="--calib"):
-        _gptq(tiny_llama, tmp_path / "q", calib=None)
+        _gptq(tiny_llama, tmp_path / "q", calibration=None)
     assert not (tmp_path / "q").exists()
 
 

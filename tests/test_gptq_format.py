@@ -13,7 +13,8 @@ from infopt.errors import InfoptError  # noqa: E402
 from infopt.formats import artifact, gptq, registry  # noqa: E402
 from infopt.formats.safetensors_io import ShardedWriter, load_tensors, weight_files  # noqa: E402
 from infopt.models.loading import load_causal_lm  # noqa: E402
-from infopt.quant.rtn import QuantizedWeight, quantize_rtn  # noqa: E402
+from infopt.quant.rtn import quantize_rtn  # noqa: E402
+from infopt.quant.weights import QuantizedWeight  # noqa: E402
 from infopt.quant.spec import QuantSpec  # noqa: E402
 
 # we pass GPTQConfig(backend=...) to pick the kernel; transformers warns that the rest is ignored

@@ -11,7 +11,8 @@ from torch import nn
 
 from infopt.errors import InfoptError
 from infopt.quant.nf4 import quantize_4bit
-from infopt.quant.rtn import QuantizedWeight, quantize_rtn
+from infopt.quant.rtn import quantize_rtn
+from infopt.quant.weights import QuantizedWeight
 from infopt.quant.spec import QuantSpec
 from infopt.runtime import kernels
 from infopt.runtime.kernels import build, ops, packing

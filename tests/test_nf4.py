@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from infopt.errors import InfoptError
-from infopt.quant import nf4
+from infopt.quant import nf4, weights
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # odd sizes, sizes that are not a multiple of the block, a single value, rows shorter than a block
@@ -150,7 +150,7 @@ def test_container_properties():
     assert q.shape == (48, 80) and q.dtype == torch.bfloat16 and q.quant_storage == torch.uint8
     assert q.packed.shape == (48 * 80 // 2, 1) and q.absmax.shape == (60,) and q.nested_absmax.shape == (1,)
     assert q.codes().shape == (48 * 80,) and int(q.codes().max()) <= 15
-    assert torch.equal(nf4.unpack_codes(nf4.pack_codes(q.codes()), 48 * 80), q.codes())
+    assert torch.equal(weights.unpack_codes(weights.pack_codes(q.codes()), 48 * 80), q.codes())
     error = (q.dequantize().float() - weight.float()).abs().max()
     assert error <= 0.5 * q.absmax_fp32().max()
 

@@ -11,9 +11,8 @@ import torch  # noqa: E402
 from infopt.errors import InfoptError  # noqa: E402
 from infopt.formats.safetensors_io import load_tensors, weight_files  # noqa: E402
 from infopt.models.loading import load_causal_lm  # noqa: E402
-from infopt.quant.gptq import GPTQConfig  # noqa: E402
-from infopt.quant.spec import QuantSpec, parse_override  # noqa: E402
-from infopt.workflows import QuantizeRequest, quantize  # noqa: E402
+from infopt.quant.spec import QuantSpec  # noqa: E402
+from infopt.workflows import CalibrationData, make_request, quantize  # noqa: E402
 from tests.tiny_models import copy_tokenizer, make_tiny_model  # noqa: E402
 
 IDS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -45,9 +44,9 @@ def test_gptq_method_to_gptq_format_loads_in_transformers(tiny, tmp_path, act_or
     import transformers
 
     out = tmp_path / "q"
-    report = quantize(QuantizeRequest(model=str(tiny), spec=QuantSpec(4, 32, False), out=out, method="gptq",
-                                      fmt="gptq", calib="tinystories", calib_samples=8, calib_seq_len=64,
-                                      gptq=GPTQConfig(act_order=act_order)))
+    report = quantize(make_request(model=str(tiny), spec=QuantSpec(4, 32, False), out=out, method="gptq",
+                                      fmt="gptq", calibration=CalibrationData(dataset="tinystories", samples=8, seq_len=64),
+                                      act_order=act_order))
     qconfig = json.loads((out / "quantize_config.json").read_text())
     assert qconfig["desc_act"] is act_order and qconfig["sym"] is False and qconfig["group_size"] == 32
     g_idx = load_tensors(weight_files(out))["model.layers.0.mlp.down_proj.g_idx"]
@@ -72,7 +71,7 @@ def test_nf4_method_writes_bitsandbytes_checkpoint_transformers_loads(tiny, tmp_
     import transformers
 
     out = tmp_path / "q"
-    report = quantize(QuantizeRequest(model=str(tiny), spec=QuantSpec(), out=out, method="nf4", double_quant=True,
+    report = quantize(make_request(model=str(tiny), out=out, method="nf4", double_quant=True,
                                       ignore=[r"layers\.1\.mlp\.down_proj"]))
     assert report["format"] == "bnb" and report["spec"] == "nf4 block 64 double-quant"
     config = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -92,20 +91,22 @@ def test_nf4_method_writes_bitsandbytes_checkpoint_transformers_loads(tiny, tmp_
 
 
 @pytest.mark.parametrize("changes,words", [
-    (dict(method="rtn", gptq=GPTQConfig(act_order=True)), "apply to --method gptq only"),
-    (dict(method="rtn", calib="tinystories"), "needs no calibration"),
-    (dict(method="rtn", double_quant=True), "nf4/fp4 only"),
-    (dict(method="nf4", fmt="gptq"), "not --method nf4"),
-    (dict(method="gptq", fmt="bnb", calib="tinystories"), "not --method gptq"),
-    (dict(method="nf4", overrides=[parse_override("down_proj=8", QuantSpec())]), "only REGEX=skip"),
-    (dict(method="rtn", fmt="gptq", overrides=[parse_override("down_proj=8", QuantSpec(4, 32))]), "one scheme"),
+    (dict(method="rtn", act_order=True), "act_order: not an option of method rtn"),
+    (dict(method="rtn", calibration=CalibrationData(dataset="tinystories")), "needs no calibration"),
+    (dict(method="rtn", double_quant=True), "double_quant: not an option of method rtn"),
+    (dict(method="nf4", fmt="gptq"), "not those of --method nf4"),
+    (dict(method="gptq", fmt="bnb", calibration=CalibrationData(dataset="tinystories")), "not those of --method gptq"),
+    (dict(method="nf4", overrides=["down_proj=8"]), "only REGEX=skip"),
+    (dict(method="rtn", fmt="gptq", overrides=["down_proj=8"]), "one scheme"),
     (dict(method="rtn", fmt="gptq", include_lm_head=True), "lm_head"),
 ])
 def test_options_a_method_or_format_cannot_honour_are_refused_before_any_work(tiny, tmp_path, changes, words):
-    args = dict(model=str(tiny), spec=QuantSpec(4, 32, False), out=tmp_path / "q")
+    args = dict(model=str(tiny), out=tmp_path / "q")
+    if changes["method"] != "nf4":
+        args["spec"] = QuantSpec(4, 32, False)
     args.update(changes)
     with pytest.raises(InfoptError, match=words):
-        quantize(QuantizeRequest(**args))
+        quantize(make_request(**args))
     assert not (tmp_path / "q").exists() and list(tmp_path.iterdir()) == []
 
 
@@ -114,12 +115,10 @@ def test_awq_method_to_awq_format_loads_in_transformers(tiny, tmp_path):
     import torch._dynamo
     import transformers
 
-    from infopt.quant.awq import AWQConfig
-
     out = tmp_path / "q"
-    report = quantize(QuantizeRequest(model=str(tiny), spec=QuantSpec(4, 64, False), out=out, method="awq",
-                                      fmt="awq", calib="tinystories", calib_samples=8, calib_seq_len=64,
-                                      awq=AWQConfig(grid=5, clip_grid=10)))
+    report = quantize(make_request(model=str(tiny), spec=QuantSpec(4, 64, False), out=out, method="awq",
+                                      fmt="awq", calibration=CalibrationData(dataset="tinystories", samples=8, seq_len=64),
+                                      grid=5, clip_grid=10))
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "awq" and config["version"] == "gemm" and config["zero_point"]
     assert report["quantized"] and all(e["module"].endswith(("k_proj", "v_proj")) for e in report["skipped"])

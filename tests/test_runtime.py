@@ -114,8 +114,7 @@ QUANTIZED = {
 
 @pytest.fixture(scope="module")
 def quantized_dirs(stories_hf, tmp_path_factory):
-    from infopt.quant.gptq import GPTQConfig
-    from infopt.workflows import QuantizeRequest, quantize
+    from infopt.workflows import CalibrationData, make_request, quantize
 
     root = tmp_path_factory.mktemp("rtq")
     source = copy_tokenizer(stories_hf, make_tiny_model("llama", root / "src", hidden_size=256, intermediate_size=512,
@@ -125,9 +124,12 @@ def quantized_dirs(stories_hf, tmp_path_factory):
         opts = dict(opts)
         act_order = opts.pop("act_order", False)
         calibrated = opts["method"] in ("gptq", "awq")
-        request = QuantizeRequest(model=str(source), out=root / name, **opts,
-                                  calib="tinystories" if calibrated else None, calib_samples=8, calib_seq_len=64,
-                                  gptq=GPTQConfig(act_order=act_order))
+        calibration = CalibrationData(dataset="tinystories", samples=8, seq_len=64) if calibrated else None
+        if act_order:
+            opts["act_order"] = True
+        if opts["method"] == "nf4":
+            del opts["spec"]
+        request = make_request(model=str(source), out=root / name, calibration=calibration, **opts)
         quantize(request)
         out[name] = root / name
     return out

@@ -3,7 +3,7 @@
 import pytest
 
 from infopt.quant.spec import QuantSpec
-from infopt.workflows import QuantizeRequest, evaluate_checkpoint, generate_text, quantize
+from infopt.workflows import EvaluationSpec, make_request, evaluate_checkpoint, generate_text, quantize
 from tests.conftest import KNOWN_STORY
 
 
@@ -13,7 +13,7 @@ def quantized(stories_hf, tmp_path_factory):
     out = {}
     for name, spec in {"int8": QuantSpec(8, -1, True), "int4": QuantSpec(4, -1, False)}.items():
         out[name] = root / name
-        quantize(QuantizeRequest(model=str(stories_hf), spec=spec, out=out[name]))
+        quantize(make_request(model=str(stories_hf), spec=spec, out=out[name]))
     return out
 
 
@@ -34,8 +34,9 @@ def test_int8_within_one_percent_and_int4_worse(stories_hf, quantized):
 
 def test_eval_during_quantize_lands_in_the_model_card(stories_hf, tmp_path):
     out = tmp_path / "int8"
-    report = quantize(QuantizeRequest(model=str(stories_hf), spec=QuantSpec(8, -1, True), out=out,
-                                      eval_dataset="tinystories", eval_max_windows=10))
-    assert report["eval"]["windows"] == 10 and report["eval"]["baseline_ppl"] > 1
+    report = quantize(make_request(model=str(stories_hf), spec=QuantSpec(8, -1, True), out=out,
+                                   evaluation=EvaluationSpec(datasets=("tinystories",), max_windows=10)))
+    metrics = report["eval"]["tinystories"]
+    assert metrics["windows"] == 10 and metrics["baseline_ppl"] > 1
     card = (out / "README.md").read_text()
-    assert f"{report['eval']['ppl']:.4f}" in card and "tinystories" in card
+    assert f"{metrics['ppl']:.4f}" in card and "tinystories" in card

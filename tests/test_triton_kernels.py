@@ -10,7 +10,8 @@ import functools
 import pytest
 import torch
 
-from infopt.quant.rtn import QuantizedWeight, Storage, quantize_rtn
+from infopt.quant.rtn import quantize_rtn
+from infopt.quant.weights import QuantizedWeight, Storage
 from infopt.quant.spec import QuantSpec
 from infopt.runtime.kernels import triton_int4 as ti
 

@@ -56,86 +56,117 @@ def convert_llama2c(
         out_console.print(f"wrote {out} (dim {p['dim']}, {p['n_layers']} layers, vocab {p['vocab_size']})")
 
 
-@app.command()
-def quantize(
-    model: str = typer.Argument(..., help="Model folder or hub id."),
-    method: str = typer.Option("rtn", "--method", help="Quantization method: rtn, gptq, awq, nf4 or fp4."),
-    bits: int = typer.Option(4, "--bits", help="Bits per weight: 2, 3, 4 or 8."),
-    group_size: int = typer.Option(128, "--group-size", help="Inputs per scale; -1 for one scale per output channel."),
-    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric (no zero point) or asymmetric (default: asym for awq, sym otherwise)."),
+def _quantize(
+    model: Optional[str] = typer.Argument(None, help="Model folder or hub id (or give --recipe)."),
+    method: Optional[str] = typer.Option(None, "--method", help="Quantization method (default rtn): "
+                                         "see `infopt methods`."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="A single-artifact recipe (YAML), e.g. a "
+                                          "checkpoint's infopt-recipe.yaml: replaces MODEL and every method option."),
     ignore: list[str] = typer.Option([], "--ignore", help="Regex of modules to leave in full precision (repeatable)."),
     override: list[str] = typer.Option([], "--override", help="REGEX=BITS[:GROUP][:sym|asym] or REGEX=skip (repeatable)."),
-    include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize lm_head too (rtn)."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="Output format: compressed-tensors (rtn/gptq/awq default), gptq, awq, or bnb (nf4/fp4 default)."),
+    include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize lm_head too (calibration-free methods)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Output format: compressed-tensors (integer methods' default), gptq, awq, or bnb (nf4/fp4 default)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder (and any unfinished run)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
-    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text for gptq: wikitext2, tinystories, a .txt/.jsonl/.parquet file or hf:NAME[:CONFIG][:SPLIT]."),
-    calib_samples: int = typer.Option(128, "--calib-samples", help="Number of calibration windows."),
-    calib_seq_len: int = typer.Option(2048, "--calib-seq-len", help="Tokens per window (capped at the model's context)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for choosing the calibration windows."),
-    text_field: str = typer.Option("text", "--text-field", help="Field or column for .jsonl/.parquet/hf calibration data."),
-    damp: float = typer.Option(0.01, "--damp", help="GPTQ dampening, a fraction of the mean Hessian diagonal."),
-    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by decreasing activation (desc_act)."),
-    static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: group scales from the original weights."),
-    awq_grid: int = typer.Option(20, "--awq-grid", help="AWQ: number of alpha values tried for the scales."),
-    duo_scaling: bool = typer.Option(True, "--duo-scaling/--no-duo-scaling", help="AWQ: s = mean|x|^a / mean|w|^(1-a), or mean|x|^a alone."),
-    awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="AWQ: search a clipping range per group."),
-    awq_search_tokens: int = typer.Option(16384, "--awq-search-tokens", min=0, help="AWQ: calibration tokens (whole windows, evenly spaced) each scale candidate is scored on; 0 = all."),
-    gptq_block_size: int = typer.Option(128, "--gptq-block-size", help="GPTQ lazy-update block (columns)."),
-    block_size: int = typer.Option(64, "--block-size", help="nf4/fp4: weights per absmax block (32 to 4096)."),
-    double_quant: bool = typer.Option(False, "--double-quant", help="nf4/fp4: quantize the absmax values to 8 bits too."),
-    device: str = typer.Option("auto", "--device", help="Where layers are quantized: auto, cpu or cuda."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text for calibrated methods: wikitext2, tinystories, a .txt/.jsonl/.parquet file or hf:NAME[:CONFIG][:SPLIT]."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Number of calibration windows (default 128)."),
+    calib_seq_len: Optional[int] = typer.Option(None, "--calib-seq-len", help="Tokens per window (default 2048, capped at the model's context)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for choosing the calibration windows (default 0)."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Field or column for .jsonl/.parquet/hf calibration data."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
-    offload_activations: bool = typer.Option(False, "--offload-activations", help="Keep calibration activations on disk."),
-    activation_dtype: Optional[str] = typer.Option(None, "--activation-dtype", help="Store calibration activations as float32, bfloat16 or float16."),
-    forward_dtype: str = typer.Option("auto", "--forward-dtype", help="Matmuls of the calibration forwards: auto (bfloat16 for GPTQ where bf16 is native, else float32), float32 or bfloat16. Weights and the quantization stay float32."),
     eval_dataset: Optional[str] = typer.Option(None, "--eval", help="Measure perplexity vs the source on this dataset and record it in the model card."),
     eval_max_windows: Optional[int] = typer.Option(None, "--eval-max-windows", help="Limit the windows --eval uses."),
     allow_pickle: bool = ALLOW_PICKLE,
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    **method_options,
 ) -> None:
     """Quantize a model's decoder linears and write a packed checkpoint."""
+    from infopt.cli.method_options import method_config
     from infopt.formats.safetensors_io import parse_size
-    from infopt.quant.gptq import GPTQConfig
-    from infopt.quant.spec import QuantSpec, parse_override
-    from infopt.workflows import QuantizeRequest, quantize as run
+    from infopt.quant.registry import get_method
+    from infopt.workflows import CalibrationData, EvaluationSpec, QuantizeRequest, quantize as run
 
-    from infopt.quant.awq import AWQConfig
-
-    spec = QuantSpec(bits, group_size, (method != "awq") if sym is None else sym)
-    req = QuantizeRequest(model=model, spec=spec, out=out, fmt=fmt, method=method, ignore=list(ignore),
-                          overrides=[parse_override(o, spec) for o in override], include_lm_head=include_lm_head,
-                          force=force, dry_run=dry_run, max_shard_bytes=parse_size(max_shard_size),
-                          allow_pickle=allow_pickle, eval_dataset=eval_dataset, eval_max_windows=eval_max_windows,
-                          calib=calib, calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_seed=seed,
-                          text_field=text_field, gptq=GPTQConfig(damp, gptq_block_size, act_order, static_groups),
-                          device=device, resume=resume, offload_activations=offload_activations,
-                          activation_dtype=parse_dtype(activation_dtype) if activation_dtype else None,
-                          forward_dtype=forward_dtype, block_size=block_size, double_quant=double_quant,
-                          awq=AWQConfig(grid=awq_grid, duo_scaling=duo_scaling, clip=awq_clip,
-                                        search_tokens=awq_search_tokens))
+    if recipe is not None:
+        req = _recipe_request(recipe, out, force, dry_run, resume, locals(), method_options)
+    else:
+        if model is None:
+            raise InfoptError("give MODEL (a folder or hub id) or --recipe FILE")
+        method = method or "rtn"
+        config = method_config(method, method_options)
+        calib_given = {"--calib": calib, "--calib-samples": calib_samples, "--calib-seq-len": calib_seq_len,
+                       "--seed": seed, "--text-field": text_field, "--resume": resume or None}
+        if not get_method(method).calibrated and any(v is not None for v in calib_given.values()):
+            given = ", ".join(k for k, v in calib_given.items() if v is not None)
+            raise InfoptError(f"--method {method} needs no calibration; drop {given}")
+        described = {k: v for k, v in calib_given.items() if k not in ("--calib", "--resume") and v is not None}
+        if calib is None and described:
+            given = ", ".join(described)
+            raise InfoptError(f"{given} describe calibration text; add --calib (or drop them)")
+        calibration = None
+        if calib is not None:
+            calibration = CalibrationData(dataset=calib, samples=128 if calib_samples is None else calib_samples,
+                                          seq_len=2048 if calib_seq_len is None else calib_seq_len,
+                                          seed=seed or 0, text_field=text_field or "text")
+        if eval_max_windows is not None and eval_dataset is None:
+            raise InfoptError("--eval-max-windows needs --eval")
+        evaluation = EvaluationSpec(datasets=(eval_dataset,), max_windows=eval_max_windows) if eval_dataset else None
+        req = QuantizeRequest(model=model, out=out, method=method, config=config, fmt=fmt, ignore=list(ignore),
+                              overrides=list(override), include_lm_head=include_lm_head, force=force, dry_run=dry_run,
+                              max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle,
+                              calibration=calibration, evaluation=evaluation, resume=resume)
     if not dry_run and out is None:
         raise InfoptError("--out is required unless --dry-run")
     with progress_bar(not json_out) as progress:
         report = run(req, progress)
+    failures = (report.get("gates") or {}).get("failures")
     if json_out:
         print_json(report)
-        return
-    for message in report["warnings"] + report.get("notes", []):
-        warn(message)
-    _print_plan(report)
-    if dry_run:
-        return
-    _print_damp_notes(report)
-    out_console.print(f"wrote {report['out']} ({human_bytes(report['output_bytes'])}, {report['seconds']:.1f} s)")
-    if "eval" in report:
-        _print_eval(report["eval"])
+    else:
+        for message in report["warnings"] + report.get("notes", []):
+            warn(message)
+        _print_plan(report)
+        if dry_run:
+            return
+        _print_damp_notes(report)
+        out_console.print(f"wrote {report['out']} ({human_bytes(report['output_bytes'])}, {report['seconds']:.1f} s)")
+        for metrics in report.get("eval", {}).values():
+            _print_eval(metrics)
+    if failures:
+        raise QualityGateError("quality gate failed: " + "; ".join(failures))
+
+
+def _recipe_request(recipe: Path, out: Optional[Path], force: bool, dry_run: bool, resume: bool, given: dict,
+                    method_options: dict):
+    from infopt.release.recipe import artifact_request, load_recipe
+
+    defaults = {"model": None, "method": None, "ignore": [], "override": [], "include_lm_head": False, "fmt": None,
+                "max_shard_size": "5GB", "calib": None, "calib_samples": None, "calib_seq_len": None, "seed": None,
+                "text_field": None, "eval_dataset": None, "eval_max_windows": None, "allow_pickle": False}
+    clashing = [name for name, default in defaults.items() if given[name] != default]
+    clashing += [name for name, value in method_options.items() if value is not None]
+    if clashing:
+        flags = ", ".join("MODEL" if n == "model" else "--" + n.replace("_", "-") for n in clashing)
+        raise InfoptError(f"--recipe gives the model and every method option; drop {flags}")
+    parsed = load_recipe(recipe)
+    if len(parsed.artifacts) != 1:
+        raise InfoptError(f"{recipe} declares {len(parsed.artifacts)} artifacts; quantize makes one "
+                          "(use `infopt release` for several)")
+    return artifact_request(parsed, parsed.artifacts[0], out, force=force, dry_run=dry_run, resume=resume)
+
+
+def _register_quantize() -> None:
+    from infopt.cli.method_options import with_method_options
+
+    app.command("quantize")(with_method_options(_quantize))
+
+
+_register_quantize()
 
 
 def _print_damp_notes(report: dict) -> None:
-    base = (report.get("gptq") or {}).get("damp")
+    base = report["options"].get("damp")
     for module, info in report.get("layer_info", {}).items():
         if base is not None and info.get("damp", base) > base:
             warn(f"{module}: Hessian not positive definite; dampening raised to {info['damp']:g}")
@@ -177,6 +208,82 @@ def _print_eval(r: dict) -> None:
         table.add_row("KL(baseline || model)", f"{r['kl_mean']:.6f}")
         table.add_row("top-1 agreement", f"{r['top1_agreement']:.4%}")
     out_console.print(table)
+
+
+@app.command()
+def release(
+    recipe: Path = typer.Argument(..., help="Recipe (YAML): source, calibration, artifacts, evaluation, gates."),
+    out: Path = typer.Option(..., "--out", help="Release folder to write."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier release folder (and any unfinished one)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted release, keeping finished artifacts "
+                                "whose recipe entry and source are unchanged."),
+    json_out: bool = typer.Option(False, "--json", help="Print release.json instead of the table."),
+) -> None:
+    """Build every artifact of a recipe, evaluate each against the source, apply the gates, write a release folder.
+
+    Exit 0 when every gate passes, 1 when one fails (the folder is written either way), 2 on bad input."""
+    from infopt.release.pipeline import build_release
+
+    def done(row: dict) -> None:
+        if not json_out:
+            state = "kept (unchanged)" if row["reused"] else f"built in {row['seconds']:.1f} s"
+            err_console.print(f"{row['name']}: {state}", highlight=False)
+
+    with progress_bar(not json_out) as progress:
+        result = build_release(recipe, out, force, resume, progress, done)
+    if json_out:
+        print_json(result)
+    else:
+        _print_release(result, out)
+    if not result["passed"]:
+        raise QualityGateError("quality gate failed: " + "; ".join(result["failures"]))
+
+
+def _print_release(result: dict, out: Path) -> None:
+    source = result["source"]
+    for dataset, base in source["eval"].items() or [(None, None)]:
+        table = Table(title=f"release {out}" + (f" on {dataset}" if dataset else ""))
+        for column in ("artifact", "scheme", "size", "ppl", "Δ ppl", "KL", "top-1", "gates"):
+            table.add_column(column, justify="left" if column in ("artifact", "scheme", "gates") else "right",
+                             no_wrap=column in ("artifact", "scheme", "size"))
+        if base:
+            table.add_row("source", "full precision", human_bytes(source["weight_bytes"]), f"{base['ppl']:.4f}",
+                          "", "", "", "")
+        for row in result["artifacts"]:
+            m = row["eval"].get(dataset) if dataset else None
+            failures = (row.get("gates") or {}).get("failures")
+            verdict = "" if row.get("gates") is None else ("[red]FAIL[/red]" if failures else "[green]pass[/green]")
+            scheme = row["scheme"] if row["scheme"].startswith(row["method"]) else f"{row['method']} {row['scheme']}"
+            table.add_row(row["name"], scheme, human_bytes(row["weight_bytes"]),
+                          *([f"{m['ppl']:.4f}", f"{m['ppl_delta_rel']:+.2%}", f"{m['kl_mean']:.5f}",
+                             f"{m['top1_agreement']:.2%}"] if m else ["", "", "", ""]), verdict)
+        out_console.print(table)
+    out_console.print(f"wrote {out}/ (RELEASE.md, release.json, quality-vs-size.png)")
+
+
+@app.command()
+def methods(json_out: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """The quantization methods, their options and defaults (what recipes and --method accept)."""
+    import dataclasses
+
+    from infopt.quant.registry import METHODS
+
+    listing = {name: {"summary": m.summary, "calibrated": m.calibrated, "weights": m.weights,
+                      "default_format": m.default_format,
+                      "options": {f.name: {"flag": f.metadata["flag"], "default": f.default, "help": f.metadata["help"]}
+                                  for f in dataclasses.fields(m.config)}}
+               for name, m in METHODS.items()}
+    if json_out:
+        print_json(listing)
+        return
+    for name, m in listing.items():
+        table = Table(title=f"{name}: {m['summary']} (default format {m['default_format']}"
+                            f"{', needs --calib' if m['calibrated'] else ''})", title_justify="left")
+        for column in ("option (recipe)", "flag", "default", "meaning"):
+            table.add_column(column)
+        for key, o in m["options"].items():
+            table.add_row(key, o["flag"], str(o["default"]), o["help"])
+        out_console.print(table)
 
 
 @app.command("eval")
@@ -337,14 +444,19 @@ def inspect(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("out/demo"), "--out", help="Folder for the demo's checkpoints."),
-    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Limit evaluation windows."),
+    out: Path = typer.Option(Path("out/demo"), "--out", help="Folder for the demo's source model and release."),
     force: bool = typer.Option(True, "--force/--no-force", help="Replace earlier demo outputs."),
 ) -> None:
-    """Convert stories260K, quantize it to int8 and int4, compare perplexity, and generate."""
+    """Convert stories260K, build a gated 4-bit release of it (RTN, HQQ, GPTQ, AWQ, NF4) and sample the best one."""
     from infopt.demo import run_demo
 
-    run_demo(out, max_windows, force)
+    def done(row: dict) -> None:
+        err_console.print(f"{row['name']}: built in {row['seconds']:.1f} s", highlight=False)
+
+    with progress_bar() as progress:
+        result = run_demo(out, force, progress, done, lambda release: _print_release(release, out / "release"))
+    if not result["release"]["passed"]:
+        raise QualityGateError("quality gate failed: " + "; ".join(result["release"]["failures"]))
 
 
 def _quiet_optional_peers() -> None:

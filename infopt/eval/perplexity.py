@@ -76,9 +76,27 @@ def _log_probs(model, inputs: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def _baseline_log_probs(baseline, inputs: torch.Tensor, keep: int, batch: list[Window], cache: dict | None):
+    """The baseline's log-probabilities for a batch, from `cache` when an earlier comparison computed them. The cache
+    holds {"budget": {"left": bytes}} shared by all caches of a session; past the budget batches are recomputed."""
+    if cache is None:
+        return _log_probs(baseline, inputs, keep)
+    key = tuple((w.begin, w.end, w.score_from) for w in batch)
+    if key in cache:
+        return cache[key]
+    log_p = _log_probs(baseline, inputs, keep)
+    size = log_p.numel() * log_p.element_size()
+    if size <= cache["budget"]["left"]:
+        cache["budget"]["left"] -= size
+        cache[key] = log_p
+    return log_p
+
+
 def evaluate(model, ids: torch.Tensor, seq_len: int, stride: int | None = None, max_windows: int | None = None,
-             baseline=None, batch_size: int = 1, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Perplexity of `model` on `ids`; with `baseline`, also KL(baseline || model) and top-1 agreement."""
+             baseline=None, batch_size: int = 1, progress: Callable[[int, int], None] | None = None,
+             baseline_cache: dict | None = None) -> dict:
+    """Perplexity of `model` on `ids`; with `baseline`, also KL(baseline || model) and top-1 agreement.
+    `baseline_cache` keeps the baseline's log-probabilities for later calls on the same windows."""
     windows = plan_windows(ids.numel(), seq_len, stride, max_windows)
     totals, done = _Totals(), 0
     for batch in _batches(windows, max(1, batch_size)):
@@ -89,7 +107,7 @@ def evaluate(model, ids: torch.Tensor, seq_len: int, stride: int | None = None, 
         totals.nll -= log_p.gather(-1, targets.unsqueeze(-1)).sum().item()
         totals.tokens += targets.numel()
         if baseline is not None:
-            base = _log_probs(baseline, inputs, keep)
+            base = _baseline_log_probs(baseline, inputs, keep, batch, baseline_cache)
             totals.base_nll -= base.gather(-1, targets.unsqueeze(-1)).sum().item()
             totals.kl += (base.exp() * (base - log_p)).sum().item()
             totals.agree += (base.argmax(-1) == log_p.argmax(-1)).sum().item()

@@ -12,6 +12,7 @@ from infopt.paths import sha256_file
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
               "added_tokens.json", "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
 MANIFEST = "infopt-manifest.json"
+RECIPE = "infopt-recipe.yaml"  # the resolved recipe the checkpoint was made with (`infopt quantize --recipe`)
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -43,9 +44,11 @@ def write_model_card(dst: Path, info: dict) -> None:
     lines += [f"| {key} | {value} |" for key, value in info["settings"].items()]
     if info.get("skipped"):
         lines += ["", "Left in full precision: " + ", ".join(f"`{m}`" for m in info["skipped"]) + "."]
-    if info.get("metrics"):
-        lines += ["", "## Measured quality", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {key} | {value} |" for key, value in info["metrics"].items()]
+    for row in info.get("metrics") or []:
+        lines += ["", f"## Measured quality on {row['dataset']}", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {key} | {value} |" for key, value in row.items() if key != "dataset"]
+    if info.get("recipe"):
+        lines += ["", f"Made by the recipe in `{RECIPE}`: `infopt quantize --recipe {RECIPE} --out DIR` makes it again."]
     lines += ["", "Load with `transformers` (needs `compressed-tensors`) or `infopt eval` / `infopt run`.", ""]
     (dst / "README.md").write_text("\n".join(lines))
 

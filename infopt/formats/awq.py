@@ -24,7 +24,7 @@ from infopt.errors import InfoptError
 from infopt.formats.gptq import _block_of, _has_act_order
 from infopt.formats.packing import pack_int32, unpack_int32
 from infopt.formats.safetensors_io import ShardedWriter, load_tensors, write_items
-from infopt.quant.rtn import QuantizedWeight
+from infopt.quant.weights import QuantizedWeight
 from infopt.quant.spec import QuantSpec
 
 QUANT_METHOD = "awq"
@@ -124,8 +124,8 @@ def _raise_mixed(specs: set[QuantSpec]) -> None:
     raise InfoptError(f"AWQ checkpoints hold one scheme for all layers, got {described}; use compressed-tensors")
 
 
-def quantization_config(module_specs: dict[str, QuantSpec], dense_modules: list[str], method: dict) -> dict:
-    """config.json `quantization_config`. AWQ loaders read no algorithm settings, so `method` is unused.
+def quantization_config(module_specs: dict[str, QuantSpec], dense_modules: list[str]) -> dict:
+    """config.json `quantization_config`. AWQ loaders read no algorithm settings.
 
     `modules_to_not_convert` names every dense linear: transformers converts all other nn.Linear
     (re.match / endswith per entry), vLLM skips prefixes containing an entry. GPTQModel.load reads

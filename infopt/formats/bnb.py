@@ -25,7 +25,7 @@ import torch
 
 from infopt.errors import InfoptError
 from infopt.formats.safetensors_io import ShardedWriter, load_tensors, write_items
-from infopt.quant.nf4 import QUANT_TYPES, FourBitWeight
+from infopt.quant.weights import QUANT_TYPES, FourBitWeight
 
 QUANT_METHOD = "bitsandbytes"
 # The bitsandbytes release whose Linear4bit state-dict layout this module writes (see module docstring).

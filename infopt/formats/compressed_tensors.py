@@ -20,7 +20,7 @@ import torch
 from infopt.errors import InfoptError
 from infopt.formats.packing import pack_int32, unpack_int32
 from infopt.formats.safetensors_io import ShardedWriter, load_tensors, write_items
-from infopt.quant.rtn import QuantizedWeight
+from infopt.quant.weights import QuantizedWeight
 from infopt.quant.spec import QuantSpec
 
 QUANT_METHOD = "compressed-tensors"

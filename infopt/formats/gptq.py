@@ -26,7 +26,7 @@ import torch
 from infopt.errors import InfoptError
 from infopt.formats.packing import pack_int32, unpack_int32
 from infopt.formats.safetensors_io import ShardedWriter, load_tensors, write_items
-from infopt.quant.rtn import QuantizedWeight
+from infopt.quant.weights import QuantizedWeight
 from infopt.quant.spec import QuantSpec
 
 QUANT_METHOD = "gptq"
@@ -165,8 +165,8 @@ def _quantized_selection(quantized: list[str], dense: list[str]) -> dict:
 
 
 def quantization_config(module_specs: dict[str, QuantSpec], dense_modules: list[str], method: dict) -> dict:
-    """config.json `quantization_config` for the written modules; `method` carries GPTQ's settings
-    (desc_act, static_groups, damp_percent, true_sequential)."""
+    """config.json `quantization_config` for the written modules; `method` carries the settings the method had
+    (desc_act, static_groups, and for GPTQ itself damp_percent and true_sequential)."""
     if not module_specs:
         raise InfoptError("no layer was quantized: a GPTQ checkpoint needs at least one")
     distinct = set(module_specs.values())
@@ -174,8 +174,8 @@ def quantization_config(module_specs: dict[str, QuantSpec], dense_modules: list[
         _raise_mixed(distinct)
     spec = distinct.pop()
     desc_act = bool(method.get("desc_act", False))
-    damp = float(method.get("damp_percent", 0.01))
-    if not 0 < damp < 1:
+    damp = method.get("damp_percent")
+    if damp is not None and not 0 < damp < 1:
         raise InfoptError(f"damp_percent {damp} is outside (0, 1), which transformers refuses to load")
     config = {
         "quant_method": QUANT_METHOD,
@@ -186,12 +186,12 @@ def quantization_config(module_specs: dict[str, QuantSpec], dense_modules: list[
         "sym": spec.symmetric,
         "desc_act": desc_act,
         "static_groups": bool(method.get("static_groups", False)),
-        "true_sequential": bool(method.get("true_sequential", True)),
-        "damp_percent": damp,
         "act_group_aware": False,
         "lm_head": False,
         "pack_dtype": "int32",
     }
+    # algorithm settings only when the method had them (an RTN or AWQ checkpoint claims no dampening)
+    config.update({key: method[key] for key in ("damp_percent", "true_sequential") if key in method})
     config.update(_quantized_selection(list(module_specs), list(dense_modules)))
     return config
 

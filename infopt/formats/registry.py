@@ -8,7 +8,7 @@ import torch
 
 from infopt.errors import InfoptError
 from infopt.formats import awq, bnb, compressed_tensors, gptq
-from infopt.quant.rtn import QuantizedWeight
+from infopt.quant.weights import QuantizedWeight
 
 _READERS = {
     compressed_tensors.QUANT_METHOD: compressed_tensors.read_quantized,

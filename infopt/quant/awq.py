@@ -24,28 +24,32 @@ from torch import nn
 
 from infopt.errors import InfoptError
 from infopt.quant.driver import LayerContext, LayerResult
-from infopt.quant.rtn import QuantizedWeight, Storage, compute_qparams, quantize_codes, quantize_rtn
+from infopt.quant.methods import INTEGER, CalibratedRun, IntegerScheme, Method, option
+from infopt.quant.rtn import compute_qparams, quantize_codes, quantize_rtn
+from infopt.quant.weights import QuantizedWeight, Storage
 from infopt.quant.spec import QuantSpec
 
 # AutoAWQ leaves q/k unclipped: their errors are amplified by the softmax of attention scores
 NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
 
 
-@dataclass(frozen=True)
-class AWQConfig:
-    grid: int = 20  # alpha in {0, 1/grid, ..., (grid-1)/grid}
-    duo_scaling: bool = True  # s = mean|x|^a / mean|w|^(1-a) (AutoAWQ's default) instead of mean|x|^a
-    clip: bool = True
-    clip_grid: int = 20
-    max_shrink: float = 0.5  # clip ranges down to (1 - max_shrink) of the original
-    clip_tokens: int = 4096  # tokens sampled for the clipping search
+@dataclass(frozen=True, kw_only=True)
+class AWQConfig(CalibratedRun, IntegerScheme):
+    # asymmetric by default, as AutoAWQ and the AWQ paper quantize (zero points)
+    symmetric: bool = option(False, "--sym/--asym", "Symmetric (no zero point) or asymmetric (with zero points).")
+    grid: int = option(20, "--awq-grid", "Number of alpha values tried for the scales.", minimum=1)  # alpha in {0, 1/grid, ..}
+    # s = mean|x|^a / mean|w|^(1-a) (AutoAWQ's default) instead of mean|x|^a
+    duo_scaling: bool = option(True, "--duo-scaling/--no-duo-scaling", "s = mean|x|^a / mean|w|^(1-a), or mean|x|^a alone.")
+    clip: bool = option(True, "--awq-clip/--no-awq-clip", "Search a clipping range per group.")
+    clip_grid: int = option(20, "--awq-clip-grid", "Clip ratios tried per group.", minimum=1)
+    # clip ranges down to (1 - max_shrink) of the original
+    max_shrink: float = option(0.5, "--awq-max-shrink", "Largest fraction the clip search removes from a range.",
+                               minimum=0.0, maximum=0.99)
+    clip_tokens: int = option(4096, "--awq-clip-tokens", "Tokens sampled for the clipping search.", minimum=1)
     # tokens (whole windows, evenly spaced) on which each scale candidate's output error is measured; 0 = all.
     # The AWQ paper (Lin et al. 2023, sec. 4.3) finds the method robust to small calibration sets.
-    search_tokens: int = 16384
-
-    def __post_init__(self) -> None:
-        if self.grid < 1 or self.clip_grid < 1 or not 0 <= self.max_shrink < 1 or self.search_tokens < 0:
-            raise InfoptError("invalid AWQ grid settings")
+    search_tokens: int = option(16384, "--awq-search-tokens", "Calibration tokens (whole windows, evenly spaced) each "
+                                "scale candidate is scored on; 0 = all.", minimum=0)
 
 
 def fake_quantize(weight: torch.Tensor, spec: QuantSpec, storage: Storage) -> torch.Tensor:
@@ -252,3 +256,8 @@ class AWQMethod:
     def _dense_state(ctx, rel: str, full: str) -> dict[str, torch.Tensor]:
         module = ctx.layer.get_submodule(rel)
         return {f"{full}.{k}": v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+METHOD = Method("awq", "AWQ (Lin et al. 2023): activation-aware channel scales and clipping, layer by layer",
+                AWQConfig, INTEGER, "compressed-tensors", calibrated=True,
+                factory=lambda config, storage, adapter: AWQMethod(adapter, config, storage))

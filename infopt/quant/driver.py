@@ -28,7 +28,7 @@ from infopt.errors import InfoptError
 from infopt.memory import return_freed_memory
 from infopt.models.streaming import LayerStream, _StopForward, move_kwargs
 from infopt.quant.precision import fp32_attention
-from infopt.quant.rtn import QuantizedWeight
+from infopt.quant.weights import QuantizedWeight
 from infopt.quant.spec import QuantSpec
 
 Progress = Callable[[str, int, int], None]

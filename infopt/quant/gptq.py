@@ -10,31 +10,44 @@ current block is applied once per block as one matrix product.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from infopt.errors import InfoptError
 from infopt.quant.driver import LayerContext, LayerResult
+from infopt.quant.methods import INTEGER, CalibratedRun, IntegerScheme, Method, option
 from infopt.quant.precision import fast_fp32_products
-from infopt.quant.rtn import QuantizedWeight, Storage, compute_qparams
+from infopt.quant.rtn import compute_qparams
+from infopt.quant.weights import MethodRecord, QuantizedWeight, Storage
 from infopt.quant.spec import QuantSpec
 
 MAX_DAMP_RETRIES = 6
 
 
-@dataclass(frozen=True)
-class GPTQConfig:
-    damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
-    block_size: int = 128
-    act_order: bool = False  # desc_act: quantize columns in order of decreasing Hessian diagonal
-    static_groups: bool = False  # group parameters from the unmodified weight, before any update
+@dataclass(frozen=True, kw_only=True)
+class GPTQConfig(CalibratedRun, IntegerScheme):
+    # fraction of the mean Hessian diagonal added to the diagonal
+    damp: float = option(0.01, "--damp", "GPTQ dampening, a fraction of the mean Hessian diagonal.")
+    block_size: int = option(128, "--gptq-block-size", "GPTQ lazy-update block (columns).", minimum=1)
+    act_order: bool = option(False, "--act-order", "Quantize columns by decreasing activation (desc_act).")
+    static_groups: bool = option(False, "--static-groups", "Group scales from the original weights.")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 < self.damp < 1:
             raise InfoptError(f"invalid --damp {self.damp}: use a fraction such as 0.01")
-        if self.block_size < 1:
-            raise InfoptError(f"invalid block size {self.block_size}")
+
+    def effective(self, storage: Storage) -> "GPTQConfig":
+        """Act-order where the format has no g_idx runs with static groups (the group of a column is then fixed)."""
+        if self.act_order and not storage.g_idx and not self.static_groups:
+            return replace(self, static_groups=True)
+        return self
+
+    def record(self, method: str, storage: Storage) -> MethodRecord:
+        config = self.effective(storage)
+        return MethodRecord(method=method, act_order=config.act_order, static_groups=config.static_groups,
+                            damp=config.damp, true_sequential=True)
 
 
 class Hessian:
@@ -196,7 +209,7 @@ class GPTQMethod:
     name = "gptq"
 
     def __init__(self, config: GPTQConfig, storage: Storage = Storage()):
-        self.config = config
+        self.config = config.effective(storage)
         self.storage = storage
 
     def quantize_layer(self, ctx: LayerContext) -> LayerResult:
@@ -247,3 +260,8 @@ def _same_spec_batches(group: list) -> list[list]:
         else:
             batches.append([linear])
     return batches
+
+
+METHOD = Method("gptq", "GPTQ (Frantar et al. 2022): Hessian-guided rounding, layer by layer", GPTQConfig, INTEGER,
+                "compressed-tensors", calibrated=True,
+                factory=lambda config, storage, adapter: GPTQMethod(config, storage))

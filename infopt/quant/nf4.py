@@ -16,33 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from infopt.errors import InfoptError
+from infopt.quant.methods import FOUR_BIT, Method, MethodConfig, option
+from infopt.quant.spec import QuantSpec
+from infopt.quant.weights import NESTED_BLOCKSIZE, FourBitWeight, MethodRecord, Storage, code_table, pack_codes
 
-# The NF4 table of the QLoRA paper (Dettmers et al. 2023, appendix E), as the fp32 values of bitsandbytes'
-# functional.get_4bit_type("nf4"): quantiles of N(0, 1) normalized to [-1, 1], with an exact zero.
-NF4_VALUES = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)
-# bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit, exponent bias 2), in bit-pattern order (index 8+k is the
-# negative of k), divided by the largest magnitude 12 (functional.get_4bit_type("fp4")). The table stores +0.0 at
-# index 8, the "negative zero" pattern, and checkpoints carry that table byte for byte.
-FP4_VALUES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
-
-QUANT_TYPES = ("nf4", "fp4")
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # functional.quantize_4bit's accepted sizes
-NESTED_BLOCKSIZE = 256  # double quantization's block (functional.quantize_4bit, compress_statistics=True)
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LUT_SIZE = 65536  # bitsandbytes' CPU 8-bit quantizer rounds through a 65536-bin lookup table
-
-
-def code_table(quant_type: str) -> torch.Tensor:
-    """The 16 fp32 code values of `quant_type`, indexed by the 4-bit code."""
-    if quant_type == "nf4":
-        return torch.tensor(NF4_VALUES, dtype=torch.float32)
-    if quant_type == "fp4":
-        return torch.tensor(FP4_VALUES, dtype=torch.float32) / 12.0
-    raise InfoptError(f"invalid 4-bit quant type {quant_type!r}: choose one of {', '.join(QUANT_TYPES)}")
 
 
 def dynamic_code() -> torch.Tensor:
@@ -78,86 +58,6 @@ def _dynamic_lut(code_key: tuple[float, ...]) -> torch.Tensor:
     midpoints = 0.5 * (code[:-1] + code[1:])
     points = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / float(_LUT_SIZE - 1)
     return torch.searchsorted(midpoints, points, right=False).to(torch.uint8)
-
-
-@dataclass
-class FourBitWeight:
-    packed: torch.Tensor  # [ceil(n/2) / storage itemsize, 1], dtype quant_storage: two codes per byte, even code high
-    absmax: torch.Tensor  # fp32 [blocks]; uint8 [blocks] when double-quantized
-    code: torch.Tensor  # fp32 [16], the table indexed by the 4-bit codes
-    blocksize: int
-    quant_type: str
-    orig_shape: tuple[int, ...]
-    dtype: torch.dtype  # the source weight's dtype, which dequantize() returns
-    offset: float | None = None  # double quant: the fp32 mean subtracted from absmax before its quantization
-    nested_absmax: torch.Tensor | None = None  # fp32 [ceil(blocks / 256)]
-    nested_code: torch.Tensor | None = None  # fp32 [256], the dynamic map
-    nested_blocksize: int = NESTED_BLOCKSIZE
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.orig_shape)
-
-    @property
-    def double_quant(self) -> bool:
-        return self.nested_absmax is not None
-
-    @property
-    def quant_storage(self) -> torch.dtype:
-        return self.packed.dtype
-
-    def absmax_fp32(self) -> torch.Tensor:
-        """Per-block scales, decoded from the nested quantization when there is one."""
-        if not self.double_quant:
-            return self.absmax.float()
-        scales = _dequantize_blockwise(self.absmax, self.nested_absmax, self.nested_code, self.nested_blocksize)
-        return scales + torch.tensor(self.offset, dtype=torch.float32)
-
-    def codes(self) -> torch.Tensor:
-        """uint8 [numel]: the 4-bit code of every weight element, in flattened order."""
-        return unpack_codes(self.packed, _numel(self.orig_shape))
-
-    def dequantize(self) -> torch.Tensor:
-        """The weight in its original dtype, as bitsandbytes.functional.dequantize_4bit computes it."""
-        values = self.code.float()[self.codes().int()]
-        return _scale_blocks(values, self.absmax_fp32(), self.blocksize).to(self.dtype).reshape(self.orig_shape)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for dim in shape:
-        n *= int(dim)
-    return n
-
-
-def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """values[i] * scales[i // blocksize] in fp32, the last block possibly short."""
-    n = values.numel()
-    full = n - n % blocksize
-    scales = scales.float()
-    head = (values[:full].reshape(-1, blocksize) * scales[: full // blocksize].unsqueeze(1)).reshape(-1)
-    if full == n:
-        return head
-    return torch.cat([head, values[full:] * scales[full // blocksize]])
-
-
-def unpack_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """uint8 [numel] 4-bit codes from packed storage of any dtype (high nibble first)."""
-    data = packed.contiguous().reshape(-1).view(torch.uint8)
-    if data.numel() * 2 < numel:
-        raise InfoptError(f"packed 4-bit data holds {data.numel() * 2} codes, expected {numel}")
-    return torch.stack([data >> 4, data & 0x0F], dim=1).reshape(-1)[:numel]
-
-
-def pack_codes(codes: torch.Tensor, quant_storage: torch.dtype = torch.uint8) -> torch.Tensor:
-    """Two codes per byte, even element in the high nibble, viewed as `quant_storage`; shape [elements, 1]."""
-    if codes.numel() % 2:
-        raise ValueError("pack_codes needs an even number of codes")
-    pairs = codes.to(torch.uint8).reshape(-1, 2)
-    packed = (pairs[:, 0] << 4) | pairs[:, 1]
-    if quant_storage != torch.uint8:
-        packed = packed.view(quant_storage)  # bitsandbytes reinterprets the bytes, no conversion
-    return packed.unsqueeze(1)
 
 
 def _blockwise_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,10 +109,6 @@ def _quantize_blockwise_8bit(
     return q.reshape(-1)[:n], absmax
 
 
-def _dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
-    return _scale_blocks(code.float()[q.reshape(-1).long()], absmax, blocksize)
-
-
 def quantize_4bit(
     weight: torch.Tensor,
     quant_type: str = "nf4",
@@ -248,3 +144,38 @@ def _nest(weight: FourBitWeight) -> None:
     q, nested_absmax = _quantize_blockwise_8bit(weight.absmax - offset, nested_code, NESTED_BLOCKSIZE)
     weight.absmax, weight.offset = q, offset.item()
     weight.nested_absmax, weight.nested_code = nested_absmax, nested_code
+
+
+@dataclass(frozen=True, kw_only=True)
+class FourBitConfig(MethodConfig):
+    block_size: int = option(64, "--block-size", "Weights per absmax block (32 to 4096).", choices=BLOCK_SIZES)
+    double_quant: bool = option(False, "--double-quant", "Quantize the absmax values to 8 bits too.")
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(4, -1, True)  # for the planner: blockwise over the whole weight, so every shape fits
+
+    def describe(self) -> str:
+        return f"block {self.block_size}" + (" double-quant" if self.double_quant else "")
+
+    def weight_bytes(self, spec: QuantSpec, shape: tuple[int, int], dense_element_bytes: int) -> int:
+        numel = shape[0] * shape[1]
+        blocks = -(-numel // self.block_size)
+        scales = blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 4 * 256 if self.double_quant else 4 * blocks
+        return -(-numel // 2) + scales + 4 * 16
+
+    def record(self, method: str, storage: Storage) -> MethodRecord:
+        return MethodRecord(method=method, quant_type=method, double_quant=self.double_quant)
+
+
+class FourBitQuantizer:
+    def __init__(self, quant_type: str, config: FourBitConfig):
+        self.quant_type, self.config = quant_type, config
+
+    def quantize_weight(self, weight: torch.Tensor, spec: QuantSpec) -> FourBitWeight:
+        return quantize_4bit(weight, self.quant_type, self.config.block_size, self.config.double_quant)
+
+
+NF4 = Method("nf4", "bitsandbytes NF4 (QLoRA's normal-float table), blockwise absmax", FourBitConfig, FOUR_BIT, "bnb",
+             calibrated=False, factory=lambda config, storage, adapter: FourBitQuantizer("nf4", config))
+FP4 = Method("fp4", "bitsandbytes FP4 (e2m1 table), blockwise absmax", FourBitConfig, FOUR_BIT, "bnb",
+             calibrated=False, factory=lambda config, storage, adapter: FourBitQuantizer("fp4", config))

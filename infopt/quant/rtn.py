@@ -1,7 +1,6 @@
-"""Round-to-nearest quantization and the quantized-weight container every method produces.
+"""Round-to-nearest quantization: the grid (scale, zero point) every integer method starts from.
 
-Conventions (those of GPTQ's reference code and of compressed-tensors): integer codes are signed,
-q in [-2^(b-1), 2^(b-1)-1]; w ~ (q - z) * s. Symmetric: z = 0 and s = absmax / (2^(b-1) - 1/2)
+Codes are signed, q in [-2^(b-1), 2^(b-1)-1]; w ~ (q - z) * s (see infopt.quant.weights). Symmetric: z = 0 and s = absmax / (2^(b-1) - 1/2)
 (the GPTQ paper's 2*absmax/(2^b - 1)); asymmetric: s = (max - min) / (2^b - 1) with the range
 widened to include 0, and z = round(qmin - min / s).
 """
@@ -12,61 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
+from infopt.quant.methods import INTEGER, IntegerScheme, Method
 from infopt.quant.spec import QuantSpec
-
-
-@dataclass
-class QuantizedWeight:
-    codes: torch.Tensor  # int8 [out, in], signed levels
-    scale: torch.Tensor  # [out, groups], storage dtype (the source weight's dtype)
-    zero: torch.Tensor | None  # int8 [out, groups], None when symmetric
-    spec: QuantSpec
-    # int32 [in]: the group of each input column. None means column j is in group j // width;
-    # GPTQ's act-order (desc_act) assigns groups in activation order instead.
-    g_idx: torch.Tensor | None = None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
-
-    def dequantize(self) -> torch.Tensor:
-        """Weights in the scale's dtype, computed the way compressed-tensors computes them."""
-        out_f, in_f = self.codes.shape
-        if self.g_idx is not None:
-            levels = self.codes.to(self.scale.dtype)
-            index = self.g_idx.long()
-            if self.zero is not None:
-                levels = levels - self.zero.to(self.scale.dtype)[:, index]
-            return levels * self.scale[:, index]
-        groups = self.scale.shape[1]
-        width = in_f // groups
-        levels = self.codes.reshape(out_f, groups, width).to(self.scale.dtype)
-        if self.zero is not None:
-            levels = levels - self.zero.to(self.scale.dtype).unsqueeze(-1)
-        return (levels * self.scale.unsqueeze(-1)).reshape(out_f, in_f)
-
-    def column_groups(self) -> torch.Tensor:
-        """int32 [in]: the group index of every input column (g_idx, explicit or implied)."""
-        if self.g_idx is not None:
-            return self.g_idx.to(torch.int32)
-        in_f = self.codes.shape[1]
-        width = in_f // self.scale.shape[1]
-        return (torch.arange(in_f) // width).to(torch.int32)
+from infopt.quant.weights import QuantizedWeight, Storage
 
 
 def _grouped(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     out_f, in_f = weight.shape
     groups = spec.num_groups(in_f)
     return weight.float().reshape(out_f, groups, in_f // groups)
-
-
-@dataclass(frozen=True)
-class Storage:
-    """What the output format can store, which the quantization grid must respect."""
-
-    scale_dtype: torch.dtype | None = None  # None: the source weight's dtype
-    # lowest storable zero point, counted from qmin (GPTQ v1 stores zero - 1, so it cannot hold qmin)
-    min_zero_offset: int = 0
 
 
 def compute_qparams(
@@ -114,3 +67,20 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, storage: Storage = Stora
     scale, zero = compute_qparams(wmin, wmax, spec, storage.scale_dtype or weight.dtype, storage.min_zero_offset)
     codes = quantize_codes(weight, scale, zero, spec)
     return QuantizedWeight(codes, scale, zero, spec)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RTNConfig(IntegerScheme):
+    """Round to nearest: the scheme's options only."""
+
+
+class RTNQuantizer:
+    def __init__(self, config: RTNConfig, storage: Storage):
+        self.storage = storage
+
+    def quantize_weight(self, weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+        return quantize_rtn(weight, spec, self.storage)
+
+
+METHOD = Method("rtn", "round to nearest on a min/max grid (no calibration)", RTNConfig, INTEGER, "compressed-tensors",
+                calibrated=False, factory=lambda config, storage, adapter: RTNQuantizer(config, storage))

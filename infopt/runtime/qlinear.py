@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from infopt.errors import InfoptError
-from infopt.quant.nf4 import FourBitWeight
-from infopt.quant.rtn import QuantizedWeight
+from infopt.quant.weights import FourBitWeight, QuantizedWeight
 from infopt.runtime import kernels
 from infopt.runtime.kernels import PackedWeight, Unpackable
 

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from infopt.device import resolve_device
 from infopt.errors import InfoptError
 from infopt.models.loading import ModelDir, load_tokenizer, open_model, text_config
 from infopt.runtime import kernels
@@ -197,8 +198,6 @@ def run_prompts(model: str, prompts: list[Prompt], options: RunOptions,
     if engine_name == "transformers":
         return _run_transformers(model_dir, tokenizer, prompts, options, on_text)
     load_start = time.perf_counter()
-    from infopt.workflows import resolve_device
-
     lm = load_engine_model(model_dir, options.dtype, options.backend, resolve_device(options.device))
     load_seconds = time.perf_counter() - load_start
     cache = make_cache(lm, options)

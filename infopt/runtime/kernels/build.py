@@ -10,7 +10,6 @@ reason, then the torch fallback). A first build takes about 10-15 s; later proce
 
 from __future__ import annotations
 
-import functools
 import os
 import platform
 import shutil
@@ -20,6 +19,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from infopt.device import cpu_flags
 
 NAME = "infopt_qkernels"
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
@@ -38,18 +39,6 @@ VNNI_CFLAGS = ["-mavx512vnni", "-DINFOPT_VNNI"]
 
 _state: dict[str, object] = {}
 _lock = threading.Lock()
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags Linux reports (empty elsewhere)."""
-    info = Path("/proc/cpuinfo")
-    if not info.exists():
-        return frozenset()
-    for line in info.read_text().splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
 
 
 def _ensure_ninja_on_path() -> bool:

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from infopt.quant.nf4 import FourBitWeight
-from infopt.quant.rtn import QuantizedWeight
+from infopt.quant.weights import FourBitWeight, QuantizedWeight
 
 ROWS = 4  # rows per interleaved tile
 UNIT_COLS = {"lut4": 128, "int8": 32}

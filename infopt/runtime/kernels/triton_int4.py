@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from infopt.quant.rtn import QuantizedWeight
+from infopt.quant.weights import QuantizedWeight
 
 INTERPRET = os.environ.get("INFOPT_TRITON_INTERPRET") == "1"
 if INTERPRET:

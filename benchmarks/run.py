@@ -37,8 +37,11 @@ def machine() -> str:
             cpu = line.split(":", 1)[1].strip()
             break
     cores = len([line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("processor")])
+    from infopt.quant.precision import bf16_fpmath_stays_fp32_accurate
+
+    fpmath = "used" if bf16_fpmath_stays_fp32_accurate() else "not used (not fp32-accurate here, or no bf16)"
     return (f"{cpu} ({cores} cores), {THREADS} torch threads, Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+            f"torch {torch.__version__}, oneDNN bf16 fpmath for GPTQ's fp32 products: {fpmath}")
 
 
 def _stories(work: Path) -> Path:

@@ -144,11 +144,13 @@ def _recipe_request(recipe: Path, out: Optional[Path], force: bool, dry_run: boo
     defaults = {"model": None, "method": None, "ignore": [], "override": [], "include_lm_head": False, "fmt": None,
                 "max_shard_size": "5GB", "calib": None, "calib_samples": None, "calib_seq_len": None, "seed": None,
                 "text_field": None, "eval_dataset": None, "eval_max_windows": None, "allow_pickle": False}
-    clashing = [name for name, default in defaults.items() if given[name] != default]
-    clashing += [name for name, value in method_options.items() if value is not None]
+    from infopt.cli.method_options import FLAGS
+
+    names = {"model": "MODEL", "fmt": "--format", "override": "--override", "eval_dataset": "--eval"}
+    clashing = [names.get(n, "--" + n.replace("_", "-")) for n, default in defaults.items() if given[n] != default]
+    clashing += [FLAGS[n].flag.split("/")[0] for n, value in method_options.items() if value is not None]
     if clashing:
-        flags = ", ".join("MODEL" if n == "model" else "--" + n.replace("_", "-") for n in clashing)
-        raise InfoptError(f"--recipe gives the model and every method option; drop {flags}")
+        raise InfoptError(f"--recipe gives the model and every method option; drop {', '.join(clashing)}")
     parsed = load_recipe(recipe)
     if len(parsed.artifacts) != 1:
         raise InfoptError(f"{recipe} declares {len(parsed.artifacts)} artifacts; quantize makes one "
@@ -217,12 +219,29 @@ def release(
     force: bool = typer.Option(False, "--force", help="Replace an earlier release folder (and any unfinished one)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted release, keeping finished artifacts "
                                 "whose recipe entry and source are unchanged."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the recipe and print every artifact's plan; "
+                                 "write nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print release.json instead of the table."),
 ) -> None:
     """Build every artifact of a recipe, evaluate each against the source, apply the gates, write a release folder.
 
     Exit 0 when every gate passes, 1 when one fails (the folder is written either way), 2 on bad input."""
-    from infopt.release.pipeline import build_release
+    from infopt.release.pipeline import build_release, plan_release
+
+    if dry_run:
+        plans = plan_release(recipe)
+        if json_out:
+            print_json(plans)
+            return
+        table = Table(title=f"release plan of {recipe}")
+        for column in ("artifact", "method", "format", "scheme", "linears", "full precision", "linear weights"):
+            table.add_column(column, justify="right" if column in ("linears", "full precision") else "left")
+        for plan in plans:
+            table.add_row(plan["name"], plan["method"], plan["format"], plan["spec"], str(len(plan["quantized"])),
+                          str(len(plan["skipped"])), f"{human_bytes(plan['source_linear_bytes'])} -> "
+                          f"{human_bytes(plan['expected_linear_bytes'])}")
+        out_console.print(table)
+        return
 
     def done(row: dict) -> None:
         if not json_out:
@@ -245,7 +264,7 @@ def _print_release(result: dict, out: Path) -> None:
         table = Table(title=f"release {out}" + (f" on {dataset}" if dataset else ""))
         for column in ("artifact", "scheme", "size", "ppl", "Δ ppl", "KL", "top-1", "gates"):
             table.add_column(column, justify="left" if column in ("artifact", "scheme", "gates") else "right",
-                             no_wrap=column in ("artifact", "scheme", "size"))
+                             no_wrap=column != "scheme")
         if base:
             table.add_row("source", "full precision", human_bytes(source["weight_bytes"]), f"{base['ppl']:.4f}",
                           "", "", "", "")
@@ -255,8 +274,8 @@ def _print_release(result: dict, out: Path) -> None:
             verdict = "" if row.get("gates") is None else ("[red]FAIL[/red]" if failures else "[green]pass[/green]")
             scheme = row["scheme"] if row["scheme"].startswith(row["method"]) else f"{row['method']} {row['scheme']}"
             table.add_row(row["name"], scheme, human_bytes(row["weight_bytes"]),
-                          *([f"{m['ppl']:.4f}", f"{m['ppl_delta_rel']:+.2%}", f"{m['kl_mean']:.5f}",
-                             f"{m['top1_agreement']:.2%}"] if m else ["", "", "", ""]), verdict)
+                          *([f"{m['ppl']:.4f}", f"{m['ppl_delta_rel']:+.2%}", f"{m['kl_mean']:.4f}",
+                             f"{m['top1_agreement']:.1%}"] if m else ["", "", "", ""]), verdict)
         out_console.print(table)
     out_console.print(f"wrote {out}/ (RELEASE.md, release.json, quality-vs-size.png)")
 

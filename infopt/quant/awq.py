@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from infopt.errors import InfoptError
 from infopt.quant.driver import LayerContext, LayerResult
 from infopt.quant.methods import INTEGER, CalibratedRun, IntegerScheme, Method, option
 from infopt.quant.rtn import compute_qparams, quantize_codes, quantize_rtn

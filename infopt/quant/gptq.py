@@ -36,7 +36,9 @@ class GPTQConfig(CalibratedRun, IntegerScheme):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 < self.damp < 1:
-            raise InfoptError(f"invalid --damp {self.damp}: use a fraction such as 0.01")
+            error = InfoptError(f"invalid --damp {self.damp}: use a fraction such as 0.01")
+            error.field = "damp"
+            raise error
 
     def effective(self, storage: Storage) -> "GPTQConfig":
         """Act-order where the format has no g_idx runs with static groups (the group of a column is then fixed)."""

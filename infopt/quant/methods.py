@@ -36,7 +36,11 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            _check_limits(f, getattr(self, f.name))
+            try:
+                _check_limits(f, getattr(self, f.name))
+            except InfoptError as exc:
+                exc.field = f.name  # a recipe names the field, the CLI its flag
+                raise
 
     def spec(self) -> QuantSpec:
         """The scheme the planner applies to every linear (overrides may change it per module)."""
@@ -102,7 +106,8 @@ class CalibratedRun:
 @dataclass(frozen=True)
 class Method:
     """One registry entry. `factory(config, storage, adapter)` returns, for a calibration-free method, an object with
-    `quantize_weight(tensor) -> weight`, and for a calibrated one a driver method with `quantize_layer(ctx)`."""
+    `quantize_weight(tensor, spec) -> weight`, and for a calibrated one a driver method with `quantize_layer(ctx)`
+    (see infopt.quant.driver). The default symmetry and every other default live in the config class."""
 
     name: str
     summary: str
@@ -126,7 +131,13 @@ class Method:
                 raise InfoptError(f"{where}{key}: not an option of method {self.name} "
                                   f"(its options: {', '.join(options) or 'none'})")
             _check_type(f"{where}{key}", value, option_type(self.config, key))
-        return self.config(**values)
+        try:
+            return self.config(**values)
+        except InfoptError as exc:
+            if where:
+                field = getattr(exc, "field", None)
+                raise InfoptError(f"{where}{field}: {exc}" if field else f"{where.rstrip('.')}: {exc}") from None
+            raise
 
 
 def option_type(config: type, name: str) -> Any:

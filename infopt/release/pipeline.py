@@ -71,15 +71,23 @@ def _summary(name: str, req, report: dict, folder: Path, seconds: float, reused:
             "warnings": report.get("warnings", []) + report.get("notes", [])}
 
 
-def _preflight(recipe: Recipe, work: Path) -> None:
+def _preflight(recipe: Recipe, work: Path) -> list[dict]:
     """Every artifact's plan before anything is built, so a bad entry fails in seconds, not after the others."""
     from infopt.workflows import quantize
 
+    plans = []
     for art in recipe.artifacts:
         try:
-            quantize(artifact_request(recipe, art, work / art.name, dry_run=True))
+            plans.append({"name": art.name, **quantize(artifact_request(recipe, art, work / art.name, dry_run=True))})
         except InfoptError as exc:
             raise InfoptError(f"artifact {art.name}: {exc}") from None
+    return plans
+
+
+def plan_release(recipe_path: Path) -> list[dict]:
+    """What `build_release` would build: each artifact's plan (modules, schemes, expected size); writes nothing."""
+    recipe = load_recipe(recipe_path)
+    return _preflight(recipe, Path("."))
 
 
 def build_release(recipe_path: Path, out: Path, force: bool = False, resume: bool = False,

@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench fuzz clean
 
 install: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test]'  # no setuptools banners
 	touch $(STAMP)
 
 demo: install
@@ -27,6 +27,9 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/run.py
+
+fuzz: install  # thousands of malformed inputs and the fault tests; writes BENCHMARKS.md's reliability section
+	INFOPT_FUZZ_SCALE=$${INFOPT_FUZZ_SCALE:-10} $(BIN)/python benchmarks/run.py --only reliability
 
 clean:
 	rm -rf out .pytest_cache

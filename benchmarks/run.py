@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import re
 import subprocess
@@ -26,7 +27,8 @@ TITLES = {"foundation": "RTN and packing (foundation)", "gptq": "GPTQ, AWQ, NF4/
           "kernels": "Quantized matrix-vector kernels (runtime groundwork)",
           "runtime": "Runtime: decode speed, batching, paged KV cache, prefill memory",
           "speculative": "Speculative decoding",
-          "gpu": "GPU (Triton kernels, CUDA runtime, `--device cuda` quantization)"}
+          "gpu": "GPU (Triton kernels, CUDA runtime, `--device cuda` quantization)",
+          "reliability": "Reliability: malformed inputs and faults"}
 BY_HAND = {"gpu": "written by hand from benchmarks/gpu_check.py and benchmarks/gpu_session.py on a CUDA machine"}
 
 
@@ -84,6 +86,10 @@ def run_section(name: str, work: Path, repeats: int) -> list[str]:
         widened = widen_llama(bench, bench.parent / f"widened-{bench_speculative.WIDEN}x-{bench.name}",
                               bench_speculative.WIDEN)
         return bench_speculative.section(bench, _stories(work), widened)
+    if name == "reliability":
+        import bench_reliability
+
+        return bench_reliability.section(int(os.environ.get("INFOPT_FUZZ_SCALE", "10")))
     if name in BY_HAND:
         raise SystemExit(f"the {name} section is {BY_HAND[name]}")
     raise SystemExit(f"unknown section {name!r}: {', '.join(TITLES)}")

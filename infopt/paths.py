@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,6 +14,20 @@ from typing import Iterator
 from infopt.errors import InfoptError
 
 DATA_DIR_ENV = "INFOPT_DATA_DIR"
+_KEPT: list[Path] = []  # work folders this process keeps when interrupted, so --resume can continue
+
+
+def keep_for_resume(folder: Path) -> None:
+    _KEPT.append(Path(folder))
+
+
+def release_for_resume(folder: Path) -> None:
+    if Path(folder) in _KEPT:
+        _KEPT.remove(Path(folder))
+
+
+def kept_for_resume() -> list[Path]:
+    return [p for p in _KEPT if p.exists()]
 
 
 def data_dir() -> Path | None:
@@ -39,9 +54,18 @@ def require_data_file(relative: str) -> Path:
     return path
 
 
+OUTPUT_MARKERS = ("infopt-manifest.json", "release.json")  # what every folder infopt writes holds
+
+
 def check_output_target(target: Path, force: bool) -> None:
+    """An output may replace only an earlier infopt output, and only with --force."""
+    target = Path(target)
     if target.exists() and not force:
         raise InfoptError(f"output {target} already exists (use --force to replace it)")
+    if target.exists():
+        if not target.is_dir() or not any((target / marker).is_file() for marker in OUTPUT_MARKERS):
+            raise InfoptError(f"{target} exists and is not an infopt output (no {' or '.join(OUTPUT_MARKERS)}); "
+                              "--force replaces only what infopt wrote, so remove it yourself or pick another --out")
     if target.parent.exists() and not target.parent.is_dir():
         raise InfoptError(f"cannot write {target}: {target.parent} is not a folder")
 
@@ -56,13 +80,36 @@ def inputs_overlap(out: Path, inputs: list[Path]) -> bool:
     return False
 
 
+def _remove_stale_temporaries(target: Path) -> None:
+    """Temporary folders of this target left by a process that no longer runs (killed with SIGKILL, or the machine
+    went down): each name carries its writer's pid, so a live writer's folder is never touched."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.tmp-(\d+)-")
+    for sibling in target.parent.iterdir():
+        match = pattern.match(sibling.name)
+        if match and sibling.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; move it into place only if the block succeeds."""
     target = Path(target)
     check_output_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
     except BaseException:

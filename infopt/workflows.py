@@ -28,7 +28,8 @@ from infopt.formats.safetensors_io import ShardedWriter, check_safetensors, iter
 from infopt.models import llama2c
 from infopt.models.adapters import adapter_for
 from infopt.models.loading import ModelDir, load_causal_lm, load_state_dict, load_tokenizer, open_model, text_config
-from infopt.paths import atomic_output_dir, check_output_target, inputs_overlap
+from infopt.paths import (atomic_output_dir, check_output_target, inputs_overlap, keep_for_resume,
+                          release_for_resume)
 from infopt.models.streaming import LayerStream
 from infopt.quant.driver import LayerResult, iter_results, load_part, part_path, prepare_work_dir, run_layers
 from infopt.quant.methods import FOUR_BIT, MethodConfig, config_values
@@ -45,8 +46,11 @@ def convert_llama2c(src: Path, tokenizer: Path | None, out: Path, force: bool = 
         raise InfoptError(f"no such file: {src}")
     if tokenizer is not None and not tokenizer.is_file():
         raise InfoptError(f"no such tokenizer file: {tokenizer}")
+    if inputs_overlap(out, [src] + ([tokenizer] if tokenizer else [])):
+        raise InfoptError(f"--out {out} overlaps an input ({src}); write somewhere else")
     with atomic_output_dir(out, force) as tmp:
         params = llama2c.convert(src, tokenizer, tmp)
+        artifact.write_manifest(tmp)
     return {"out": str(out), "params": params.__dict__}
 
 
@@ -119,6 +123,7 @@ class QuantizeRequest:
     evaluation: EvaluationSpec | None = None  # measured into the model card
     gates: QualityGates | None = None  # limits on the evaluation's figures (report["gates"]; the CLI exits 1)
     resume: bool = False
+    allow_non_finite: bool = False  # quantize weights holding NaN/Inf instead of refusing them
     windows: torch.Tensor | None = None  # calibration windows made already (a release shares them)
     eval_session: "EvalSession | None" = None  # a baseline already loaded and scored (a release shares it)
 
@@ -185,11 +190,27 @@ def _expected_bytes(req: QuantizeRequest, plan: QuantPlan, dtype_bytes: int) -> 
     return plan.dense_bytes + dense + sum(req.config.weight_bytes(e.spec, e.shape, dtype_bytes) for e in plan.quantized)
 
 
-def _streamed_items(quantizer, model: ModelDir, plan: QuantPlan, errors: dict[str, float], progress: Progress | None):
+def check_finite(name: str, tensor: torch.Tensor, model: ModelDir) -> None:
+    if tensor.is_floating_point():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise InfoptError(f"{model.path}: tensor {name} holds {bad} non-finite values (NaN/Inf) of "
+                              f"{tensor.numel()}; refusing to quantize it (--allow-non-finite goes on anyway)")
+
+
+def _checked_tensors(model: ModelDir, allow_non_finite: bool):
+    for name, tensor in _source_tensors(model):
+        if not allow_non_finite:
+            check_finite(name, tensor, model)
+        yield name, tensor
+
+
+def _streamed_items(quantizer, model: ModelDir, plan: QuantPlan, errors: dict[str, float], progress: Progress | None,
+                    allow_non_finite: bool = False):
     """Calibration-free methods, one weight at a time as the source is streamed."""
     specs = {e.module: e.spec for e in plan.quantized}
     done = 0
-    for name, tensor in _source_tensors(model):
+    for name, tensor in _checked_tensors(model, allow_non_finite):
         module = name.removesuffix(".weight")
         spec = specs.get(module) if name.endswith(".weight") else None
         if spec is None:
@@ -253,16 +274,32 @@ def _fingerprint(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, windows
 
 def _run_calibrated(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, fmt: OutputFormat,
                     progress: Progress | None) -> tuple[Path, dict]:
+    if not req.allow_non_finite:
+        for _ in _checked_tensors(model, False):  # one read of the weights, before any work folder exists
+            pass
     windows = req.windows if req.windows is not None else calibration_set(req.calibration, model)
     config = req.config
     work_dir = work_dir_for(req.out)
-    done = prepare_work_dir(work_dir, _fingerprint(req, model, plan, windows, fmt.storage), req.resume, req.force)
-    stream = LayerStream(model, torch.float32, resolve_device(config.device))
-    method = req.entry.factory(config, fmt.storage, stream.adapter)
-    specs = {e.module: e.spec for e in plan.quantized}
-    forward_dtype = resolve_forward_dtype(config.forward_dtype, req.method, str(stream.device))
-    timing = run_layers(stream, windows, specs, method, work_dir, done, config.activation_torch_dtype(),
-                        config.offload_activations, progress, forward_dtype)
+    existed = work_dir.exists()
+    try:
+        done = prepare_work_dir(work_dir, _fingerprint(req, model, plan, windows, fmt.storage), req.resume, req.force)
+    except OSError:
+        if not existed:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    keep_for_resume(work_dir)  # an interrupted run keeps its finished layers for --resume
+    try:
+        stream = LayerStream(model, torch.float32, resolve_device(config.device))
+        method = req.entry.factory(config, fmt.storage, stream.adapter)
+        specs = {e.module: e.spec for e in plan.quantized}
+        forward_dtype = resolve_forward_dtype(config.forward_dtype, req.method, str(stream.device))
+        timing = run_layers(stream, windows, specs, method, work_dir, done, config.activation_torch_dtype(),
+                            config.offload_activations, progress, forward_dtype)
+    except (InfoptError, OSError):
+        if done == 0:  # a failure (not an interruption) of a fresh run leaves nothing behind
+            release_for_resume(work_dir)
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
     info = {}
     for _, result in iter_results(work_dir, stream.num_layers):
         info.update(result.info)
@@ -343,7 +380,8 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     else:
         work_dir = None
         report["error_metric"] = "relative weight MSE"
-        items = _streamed_items(req.entry.factory(req.config, fmt.storage, adapter), model, plan, errors, progress)
+        items = _streamed_items(req.entry.factory(req.config, fmt.storage, adapter), model, plan, errors, progress,
+                                req.allow_non_finite)
     with atomic_output_dir(req.out, req.force) as tmp:
         writer = ShardedWriter(tmp, req.max_shard_bytes)
         specs = fmt.write_weights(writer, items)
@@ -381,6 +419,7 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
         })
         artifact.write_manifest(tmp)
     if work_dir is not None:
+        release_for_resume(work_dir)
         shutil.rmtree(work_dir, ignore_errors=True)
     report.update({
         "out": str(req.out),
@@ -441,7 +480,14 @@ class EvalSession:
         if self.tokenizer_dir is None:
             self.tokenizer_dir = model_dir.path
         ids = self.token_ids(dataset, text_field)
-        seq_len = seq_len or default_seq_len(model_dir.config)
+        context = text_config(model_dir.config).get("max_position_embeddings")
+        if seq_len is None:
+            seq_len = default_seq_len(model_dir.config)
+        elif seq_len < 2:
+            raise InfoptError(f"--seq-len {seq_len}: a window needs at least 2 tokens")
+        elif context and seq_len > context:
+            raise InfoptError(f"--seq-len {seq_len} exceeds the model's context ({context} tokens, "
+                              "max_position_embeddings); its scores past that would measure nothing real")
         lm = self.last_model = self.load(model_dir)
         if self.baseline is not None and self._base_lm is None:
             self._base_lm = self.load(self.baseline)

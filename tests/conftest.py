@@ -39,3 +39,22 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
     return subprocess.run([sys.executable, "-m", "infopt.cli.main", *args], capture_output=True, text=True,
                           cwd=cwd, env=full_env, timeout=600)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzzing totals and fault scenarios (tests/test_fuzz.py, tests/test_faults.py), so CI's output shows how
+    many malformed inputs were tried; with INFOPT_FUZZ_JSON they are also written there (benchmarks/run.py)."""
+    fuzz, faults = sys.modules.get("tests.test_fuzz"), sys.modules.get("tests.test_faults")
+    for line in (fuzz.fuzz_report() if fuzz else []):
+        terminalreporter.write_line(line)
+    for line in (faults.FAULTS if faults else []):
+        terminalreporter.write_line(f"fault survived: {line}")
+    target = os.environ.get("INFOPT_FUZZ_JSON")
+    if target and fuzz:
+        import json
+
+        Path(target).write_text(json.dumps({
+            "scale": fuzz.SCALE, "seconds": sum(fuzz.TIMES),
+            "cases": [{"kind": k, "command": c, "distinct": seen, "refused": refused}
+                      for (k, c), (seen, refused) in sorted(fuzz.STATS.items())],
+            "faults": list(faults.FAULTS) if faults else []}, indent=2))

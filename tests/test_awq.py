@@ -109,11 +109,29 @@ def test_awq_beats_rtn_on_stories260k_and_reports_unfoldable_groups(stories_hf, 
 def test_scale_search_scores_candidates_on_evenly_spaced_whole_windows():
     from infopt.quant.awq import AWQConfig, AWQMethod
 
-    x = torch.arange(10.0).view(10, 1, 1).expand(10, 64, 4)
     method = AWQMethod(None, AWQConfig(search_tokens=256))
-    picked = method._search_windows(x)
-    assert picked.shape == (4, 64, 4) and picked[:, 0, 0].tolist() == [0.0, 3.0, 6.0, 9.0]
-    assert method._search_windows(x[:3]).shape[0] == 3  # under the budget: everything
-    assert AWQMethod(None, AWQConfig(search_tokens=0))._search_windows(x).shape[0] == 10
+    assert method._search_windows(10, 64).tolist() == [0, 3, 6, 9]
+    assert method._search_windows(3, 64).tolist() == [0, 1, 2]  # under the budget: everything
+    assert AWQMethod(None, AWQConfig(search_tokens=0))._search_windows(10, 64).tolist() == list(range(10))
     with pytest.raises(Exception):
         AWQConfig(search_tokens=-1)
+
+
+def test_streamed_observation_keeps_only_what_the_search_needs():
+    """Batches arrive in window order; the observer keeps the chosen windows, every k-th token and the head."""
+    from infopt.quant.awq import _Observed
+
+    class Ctx:
+        batch_start = 0
+
+    x = torch.randn(10, 8, 3, generator=torch.Generator().manual_seed(0))
+    ctx = Ctx()
+    observed = _Observed(ctx, torch.tensor([0, 4, 9]), token_step=7, head_tokens=20)
+    for start in range(0, 10, 3):  # micro-batches of 3 windows
+        ctx.batch_start = start
+        observed.add(x[start : start + 3])
+    flat = x.reshape(-1, 3)
+    assert torch.allclose(observed.abs_mean(), flat.abs().mean(0), atol=1e-6)
+    assert torch.equal(observed.windows(), x[[0, 4, 9]])
+    assert torch.equal(observed.sampled(), flat[::7])
+    assert torch.equal(observed.head(), flat[:20])

@@ -86,10 +86,23 @@ def test_existing_output_needs_force_and_force_replaces(stories_hf, tmp_path):
     result = run_cli("quantize", str(stories_hf), "--bits", "8", "--group-size", "-1", "--out", str(out))
     assert_clean_failure(result, "already exists")
     assert (out / "keep.txt").read_text() == "precious"
+    # --force replaces only an earlier infopt output, never a folder of the user's
+    refused = run_cli("quantize", str(stories_hf), "--bits", "8", "--group-size", "-1", "--out", str(out), "--force")
+    assert_clean_failure(refused, "is not an infopt output")
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    first = run_cli("quantize", str(stories_hf), "--bits", "4", "--group-size", "-1", "--out", str(out))
+    assert first.returncode == 0, first.stderr
     forced = run_cli("quantize", str(stories_hf), "--bits", "8", "--group-size", "-1", "--out", str(out), "--force", "--json")
     assert forced.returncode == 0, forced.stderr
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"][
+        "weights"]["num_bits"] == 8
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    # nor does an output ever overlap the source
+    inside = run_cli("quantize", str(stories_hf), "--out", str(stories_hf / "q"))
+    assert_clean_failure(inside, "overlaps the source model")
+    assert not (stories_hf / "q").exists()
 
 
 def test_dry_run_prints_plan_and_writes_nothing(stories_hf, tmp_path):

@@ -88,7 +88,7 @@ def test_release_refuses_to_overwrite_or_overlap_inputs(stories_hf, tmp_path):
     (other / "keep.txt").write_text("mine")
     assert_clean_failure(run_cli("release", str(recipe), "--out", str(other)), "already exists")
     assert_clean_failure(run_cli("release", str(recipe), "--out", str(other), "--force"),
-                         "not an infopt release folder")
+                         "is not an infopt output")
     assert (other / "keep.txt").read_text() == "mine"
     assert_clean_failure(run_cli("release", str(recipe), "--out", str(stories_hf / "rel")), "overlaps an input")
     assert not (stories_hf / "rel").exists()

@@ -49,8 +49,14 @@ def load_text(source: str, text_field: str = "text") -> str:
     return _read_file(path)
 
 
+MAX_TEXT_BYTES = 4 * 2**30  # a text source past this is not calibration or evaluation text
+
+
 def _read_file(path: Path) -> str:
     try:
+        if path.stat().st_size > MAX_TEXT_BYTES:
+            raise InfoptError(f"{path} is {path.stat().st_size} bytes; text sources are read whole, at most "
+                              f"{MAX_TEXT_BYTES} bytes")
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise InfoptError(f"{path} is not UTF-8 text") from None
@@ -79,11 +85,15 @@ def _parquet_rows(path: Path, field: str) -> list[str]:
     except ImportError:
         raise InfoptError("reading .parquet needs pyarrow: pip install pyarrow") from None
     try:
+        schema = pq.read_schema(path)
+    except (ValueError, OSError) as exc:
+        raise InfoptError(f"{path} is not a readable parquet file ({str(exc).splitlines()[0][:120]})") from None
+    if field not in schema.names:
+        raise InfoptError(f"{path}: no column {field!r} (columns: {', '.join(schema.names[:10])}; set --text-field)")
+    try:
         table = pq.read_table(path, columns=[field])
-    except (KeyError, ValueError) as exc:
-        raise InfoptError(f"{path}: no column {field!r} (set --text-field): {exc}") from None
-    except OSError as exc:
-        raise InfoptError(f"{path} is not a readable parquet file: {exc}") from None
+    except (ValueError, OSError) as exc:
+        raise InfoptError(f"{path} is not a readable parquet file ({str(exc).splitlines()[0][:120]})") from None
     return [value for value in table.column(field).to_pylist() if isinstance(value, str)]
 
 

@@ -79,6 +79,8 @@ def _quantize(
     eval_dataset: Optional[str] = typer.Option(None, "--eval", help="Measure perplexity vs the source on this dataset and record it in the model card."),
     eval_max_windows: Optional[int] = typer.Option(None, "--eval-max-windows", help="Limit the windows --eval uses."),
     allow_pickle: bool = ALLOW_PICKLE,
+    allow_non_finite: bool = typer.Option(False, "--allow-non-finite", help="Quantize weights that hold NaN/Inf "
+                                          "(refused by default, naming the tensor)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     **method_options,
 ) -> None:
@@ -115,7 +117,8 @@ def _quantize(
         req = QuantizeRequest(model=model, out=out, method=method, config=config, fmt=fmt, ignore=list(ignore),
                               overrides=list(override), include_lm_head=include_lm_head, force=force, dry_run=dry_run,
                               max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle,
-                              calibration=calibration, evaluation=evaluation, resume=resume)
+                              calibration=calibration, evaluation=evaluation, resume=resume,
+                              allow_non_finite=allow_non_finite)
     if not dry_run and out is None:
         raise InfoptError("--out is required unless --dry-run")
     with progress_bar(not json_out) as progress:
@@ -143,7 +146,8 @@ def _recipe_request(recipe: Path, out: Optional[Path], force: bool, dry_run: boo
 
     defaults = {"model": None, "method": None, "ignore": [], "override": [], "include_lm_head": False, "fmt": None,
                 "max_shard_size": "5GB", "calib": None, "calib_samples": None, "calib_seq_len": None, "seed": None,
-                "text_field": None, "eval_dataset": None, "eval_max_windows": None, "allow_pickle": False}
+                "text_field": None, "eval_dataset": None, "eval_max_windows": None, "allow_pickle": False,
+                "allow_non_finite": False}
     from infopt.cli.method_options import FLAGS
 
     names = {"model": "MODEL", "fmt": "--format", "override": "--override", "eval_dataset": "--eval"}
@@ -277,6 +281,11 @@ def _print_release(result: dict, out: Path) -> None:
                           *([f"{m['ppl']:.4f}", f"{m['ppl_delta_rel']:+.2%}", f"{m['kl_mean']:.4f}",
                              f"{m['top1_agreement']:.1%}"] if m else ["", "", "", ""]), verdict)
         out_console.print(table)
+    gated = [row for row in result["artifacts"] if row.get("gates") is not None]
+    if gated:
+        verdict = ("[green]all passed[/green]" if result["passed"]
+                   else f"[red]{len(result['failures'])} failed[/red]")
+        out_console.print(f"gates: {verdict} ({len(gated)} artifacts gated)")
     out_console.print(f"wrote {out}/ (RELEASE.md, release.json, quality-vs-size.png)")
 
 
@@ -382,10 +391,18 @@ def run(
                          allow_pickle, trust_remote_code, draft, num_draft, adaptive_draft, baseline, device)
     single = len(prompts) == 1 and n == 1
     streaming = single and not json_out
-    if streaming:
-        sys.stdout.write(prompts[0].text)
-    report = run_prompts(model, prompts, options, write_stream if streaming else None,
+    shown = {"prompt": False}
+
+    def stream(piece: str) -> None:  # the prompt goes out with the first text, after the model has loaded
+        if not shown["prompt"]:
+            sys.stdout.write(prompts[0].text)
+            shown["prompt"] = True
+        write_stream(piece)
+
+    report = run_prompts(model, prompts, options, stream if streaming else None,
                          lambda notice: err_console.print(f"note: {notice}", highlight=False))
+    if streaming and not shown["prompt"]:
+        stream("")
     page_map = report.pop("page_map", None)
     if kv_report_png is not None and page_map is not None:
         from infopt.runtime.kv_report import write_png
@@ -486,19 +503,52 @@ def _quiet_optional_peers() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+MAX_ERROR_CHARS = 500
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def _error(text: str, code: int) -> None:
+    from rich.markup import escape
+
+    err_console.print(f"[red]error:[/red] {escape(_one_line(text))}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so every temporary folder is removed on the way out
+
+
 def main() -> None:
+    import signal
+
+    from infopt.paths import kept_for_resume
+
     debug = os.environ.get("INFOPT_DEBUG")
     _quiet_optional_peers()
+    signal.signal(signal.SIGTERM, _terminate)
+    def aborted() -> None:
+        kept = kept_for_resume()
+        note = f"; finished work kept in {kept[0]} (--resume continues it, --force starts over)" if kept else ""
+        err_console.print(f"aborted{note}", highlight=False, soft_wrap=True)
+        sys.exit(130)
+
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except InfoptError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        _error(str(exc), exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        err_console.print("aborted")
-        sys.exit(130)
+        aborted()
+    except OSError as exc:  # the disk is full or read-only, a folder cannot be written, ...
+        where = f": {exc.filename}" if exc.filename else ""
+        _error(f"{exc.strerror or exc.__class__.__name__}{where}", 2)
+    except MemoryError:
+        _error("out of memory (the model or the batch does not fit; try fewer windows or a smaller --seq-len)", 2)
     except Exception as exc:  # click usage errors and anything unforeseen
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # click's usage errors (typer may vendor click)
             if type(exc).__name__ != "NoArgsIsHelpError":  # help was already printed
@@ -506,9 +556,15 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if debug:
             raise
-        err_console.print(f"[red]internal error:[/red] {exc.__class__.__name__}: {exc} (set INFOPT_DEBUG=1 for a traceback)",
-                          highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        err_console.print(f"[red]internal error:[/red] {escape(_one_line(f'{exc.__class__.__name__}: {exc}'))} "
+                          "(set INFOPT_DEBUG=1 for a traceback)", highlight=False, soft_wrap=True)
         sys.exit(3)
+    if code == 130:  # typer turns a KeyboardInterrupt in a command into Exit(130), which click returns
+        aborted()
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ config.json carries `quantization_config` with quant_method "compressed-tensors"
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Iterable
@@ -127,13 +128,45 @@ def read_quantized(files: list[Path], qconfig: dict) -> tuple[dict[str, Quantize
     quantized = {}
     for module in modules:
         spec = spec_for_module(qconfig, module)
-        out_f, in_f = (int(v) for v in tensors.pop(f"{module}.weight_shape").tolist())
-        codes = unpack_int32(tensors.pop(f"{module}.weight_packed"), spec.bits, in_f, dim=1)
+        missing = [s for s in ("weight_shape", "weight_scale") if f"{module}.{s}" not in tensors]
+        if missing:
+            raise InfoptError(f"{module}: packed weight without {', '.join(missing)}")
+        out_f, in_f = _shape(module, tensors.pop(f"{module}.weight_shape"))
+        packed = tensors.pop(f"{module}.weight_packed")
         scale = tensors.pop(f"{module}.weight_scale")
         zero = tensors.pop(f"{module}.weight_zero_point", None)
+        if zero is None and not spec.symmetric:
+            raise InfoptError(f"{module}: asymmetric scheme but no weight_zero_point")
+        if zero is not None and spec.symmetric:
+            raise InfoptError(f"{module}: symmetric scheme but a weight_zero_point (the config and tensors disagree)")
+        _check_layout(module, spec, out_f, in_f, packed, scale, zero)
+        codes = unpack_int32(packed, spec.bits, in_f, dim=1)
         if zero is not None:
             zero = unpack_int32(zero, spec.bits, out_f, dim=0)
-        elif not spec.symmetric:
-            raise InfoptError(f"{module}: asymmetric scheme but no weight_zero_point")
         quantized[f"{module}.weight"] = QuantizedWeight(codes, scale, zero, spec)
     return quantized, tensors
+
+
+def _shape(module: str, shape: torch.Tensor) -> tuple[int, int]:
+    if shape.is_floating_point() or shape.numel() != 2 or int(shape.min()) < 1 or int(shape.max()) > 1 << 24:
+        raise InfoptError(f"{module}.weight_shape: expected two positive integers, got {shape.tolist()[:4]}")
+    out_f, in_f = (int(v) for v in shape.reshape(-1).tolist())
+    return out_f, in_f
+
+
+def _check_layout(module: str, spec: QuantSpec, out_f: int, in_f: int, packed: torch.Tensor, scale: torch.Tensor,
+                  zero: torch.Tensor | None) -> None:
+    """Every tensor of a packed module must have the exact shape and dtype the scheme implies."""
+    if not spec.fits(in_f):
+        raise InfoptError(f"{module}: group size {spec.group_size} does not divide in_features {in_f}")
+    groups = spec.num_groups(in_f)
+    expected = {"weight_packed": (packed, torch.int32, (out_f, math.ceil(in_f * spec.bits / 32)))}
+    if zero is not None:
+        expected["weight_zero_point"] = (zero, torch.int32, (math.ceil(out_f * spec.bits / 32), groups))
+    for name, (tensor, dtype, shape) in expected.items():
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise InfoptError(f"{module}.{name}: {str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}, "
+                              f"expected int32 {list(shape)} for {spec.describe()} codes of [{out_f}, {in_f}]")
+    if not scale.is_floating_point() or tuple(scale.shape) != (out_f, groups):
+        raise InfoptError(f"{module}.weight_scale: {str(scale.dtype).removeprefix('torch.')} {list(scale.shape)}, "
+                          f"expected a float [{out_f}, {groups}]")

@@ -20,11 +20,20 @@ _READERS = {
 
 def read_quantized(files: list[Path], config: dict) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
     qconfig = config["quantization_config"]
-    method = qconfig.get("quant_method")
+    method = qconfig.get("quant_method") if isinstance(qconfig, dict) else None
     reader = _READERS.get(method)
     if reader is None:
-        raise InfoptError(f"quantization format {method!r} is not readable yet; readable: {', '.join(_READERS)}")
-    return reader(files, qconfig)
+        raise InfoptError(f"quantization format {str(method)[:40]!r} is not readable yet; readable: "
+                          f"{', '.join(_READERS)}")
+    try:
+        return reader(files, qconfig)
+    except InfoptError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as exc:
+        # each reader checks the fields it knows; this names what slipped past those checks instead of a traceback
+        detail = str(exc).splitlines()[0][:160] if str(exc) else ""
+        raise InfoptError(f"{files[0].parent}: the {method} quantization_config or its tensors do not fit together "
+                          f"({exc.__class__.__name__}{': ' + detail if detail else ''})") from None
 
 
 def read_dense_state_dict(files: list[Path], config: dict) -> dict[str, torch.Tensor]:

@@ -14,42 +14,112 @@ from infopt.errors import InfoptError
 
 INDEX_NAME = "model.safetensors.index.json"
 METADATA = {"format": "pt"}
+METADATA_FORMATS = ("pt", "tf", "flax", "mlx", "np")
+
+
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit (safetensors/src/tensor.rs, MAX_HEADER_SIZE)
+
+
+def _corrupt(path: Path, why: str) -> InfoptError:
+    return InfoptError(f"corrupt safetensors file {path}: {why}")
 
 
 def check_safetensors(path: Path) -> dict:
-    """Validate a safetensors header without reading the data; return the header."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
+    """Validate a safetensors file's header without reading the data; return the header.
+
+    Checked, as the format requires: a header length within the file and the format's 100 MiB limit, a JSON object
+    of tensors with a known dtype, a shape of non-negative integers, offsets inside the data whose length is
+    exactly dtype size x elements, tensors that do not overlap, and a string-to-string __metadata__."""
+    try:
+        size = path.stat().st_size
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise InfoptError(f"cannot read {path}: {exc.strerror or exc.__class__.__name__}") from None
+    with handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
-            raise InfoptError(f"corrupt safetensors file {path}: too short for a header")
+            raise _corrupt(path, "too short for a header")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > size - 8:
-            raise InfoptError(f"corrupt safetensors file {path}: header runs past the end (truncated?)")
+            raise _corrupt(path, "header runs past the end (truncated?)")
+        if header_len > MAX_HEADER_BYTES:
+            raise _corrupt(path, f"header of {header_len} bytes exceeds the format's {MAX_HEADER_BYTES} limit")
         try:
             header = json.loads(handle.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise InfoptError(f"corrupt safetensors file {path}: header is not valid JSON") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise _corrupt(path, "header is not valid JSON") from None
     if not isinstance(header, dict):
-        raise InfoptError(f"corrupt safetensors file {path}: header is not an object")
+        raise _corrupt(path, "header is not an object")
     data_len = size - 8 - header_len
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in info.items()):
+                raise _corrupt(path, "__metadata__ is not a map of strings")
+            if info.get("format") not in METADATA_FORMATS:  # transformers refuses these files too
+                raise _corrupt(path, f"__metadata__ format {str(info.get('format'))[:20]!r} is not one of "
+                                     f"{', '.join(METADATA_FORMATS)}")
             continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not offsets or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1] <= data_len:
-            raise InfoptError(f"corrupt safetensors file {path}: tensor {name!r} lies past the end (truncated?)")
+        spans.append(_check_entry(path, name, info, data_len))
+    spans.sort()
+    position = 0  # the format indexes the whole byte buffer, without holes or overlaps
+    for begin, end, name in spans:
+        if begin != position:
+            raise _corrupt(path, f"tensor {name[:80]!r} starts at {begin}, expected {position} (overlap or hole)")
+        position = end
+    if position != data_len:
+        raise _corrupt(path, f"the tensors cover {position} of the {data_len} data bytes")
     return header
 
 
+def _check_entry(path: Path, name: str, info, data_len: int) -> tuple[int, int, str]:
+    shown = name if len(name) <= 80 else name[:77] + "..."
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise _corrupt(path, f"tensor {shown!r} needs exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in DTYPES:
+        raise _corrupt(path, f"tensor {shown!r} has unknown dtype {str(dtype)[:20]!r}")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_count(d) for d in shape):
+        raise _corrupt(path, f"tensor {shown!r} has an invalid shape (a list of up to 8 non-negative integers)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise _corrupt(path, f"tensor {shown!r} has invalid data_offsets")
+    begin, end = offsets
+    if not begin <= end <= data_len:
+        raise _corrupt(path, f"tensor {shown!r} lies past the end (truncated?)")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    expected = numel * DTYPES[dtype].itemsize
+    if end - begin != expected:
+        raise _corrupt(path, f"tensor {shown!r} holds {end - begin} bytes, but {dtype} {shape} needs {expected}")
+    return begin, end, name
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors shards of a folder: those its index names (each confined to the folder), else all."""
     index = model_dir / INDEX_NAME
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
-            raise InfoptError(f"corrupt index {index}") from None
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise InfoptError(f"corrupt index {index}: expected a JSON object with a weight_map") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise InfoptError(f"corrupt index {index}: weight_map must map tensor names to shard file names")
+        root = model_dir.resolve()
+        files = []
+        for name in sorted(set(weight_map.values())):
+            if "\x00" in name:
+                raise InfoptError(f"{index}: shard name {name[:80]!r} holds a NUL byte")
+            shard = (model_dir / name).resolve()
+            if Path(name).is_absolute() or not shard.is_relative_to(root) or not name.endswith(".safetensors"):
+                raise InfoptError(f"{index}: shard {name[:80]!r} is not a .safetensors file inside {model_dir}; "
+                                  "refusing to read outside the model folder")
+            files.append(model_dir / name)
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise InfoptError(f"{model_dir}: shards listed in the index are missing: {', '.join(missing)}")

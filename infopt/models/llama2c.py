@@ -18,6 +18,7 @@ conversion script does).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 from dataclasses import dataclass
@@ -56,10 +57,12 @@ class _Reader:
         self.data, self.offset, self.path = data, offset, path
 
     def floats(self, *shape: int) -> torch.Tensor:
-        return torch.from_numpy(self._take(np.float32, int(np.prod(shape))).reshape(shape).copy())
+        return torch.from_numpy(self._take(np.float32, math.prod(shape)).reshape(shape).copy())
 
     def q80(self, group_size: int, *shape: int) -> torch.Tensor:
-        count = int(np.prod(shape))
+        count = math.prod(shape)
+        if count % group_size:  # export.py groups each flattened matrix
+            raise InfoptError(f"{self.path}: a {list(shape)} matrix does not split into groups of {group_size}")
         codes = self._take(np.int8, count).astype(np.float32)
         scales = self._take(np.float32, count // group_size)
         return torch.from_numpy((codes.reshape(-1, group_size) * scales[:, None]).reshape(shape))
@@ -98,6 +101,10 @@ def read_params(data: bytes, path: Path) -> tuple[Llama2cParams, int]:
               params.vocab_size, params.seq_len]
     if min(checks) <= 0 or params.dim % params.n_heads or params.n_heads % params.n_kv_heads:
         raise InfoptError(f"{path} does not look like a llama2.c checkpoint (header {checks})")
+    if params.head_dim % 2:
+        raise InfoptError(f"{path}: head size {params.head_dim} is odd; rotary embeddings need pairs")
+    if params.version == 2 and params.group_size <= 0:
+        raise InfoptError(f"{path}: group size {params.group_size} (a version 2 file needs a positive one)")
     return params, offset
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -14,6 +15,7 @@ import torch
 from infopt.errors import InfoptError
 from infopt.formats import registry
 from infopt.formats.safetensors_io import check_safetensors, weight_files
+from infopt.validate import check_known_architecture, check_model_config
 
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -84,12 +86,14 @@ def open_model(spec: str, allow_pickle: bool = False) -> ModelDir:
         raise InfoptError(f"{path} is not a model directory (expected a folder with config.json)")
     if not (path / "config.json").is_file():
         raise InfoptError(f"{path} is not a model directory: no config.json")
-    config = read_config(path / "config.json")
+    config = check_model_config(read_config(path / "config.json"), str(path / "config.json"))
     files = weight_files(path)
     if files:
         for file in files:
             check_safetensors(file)
-        return ModelDir(path, config, files)
+        model = ModelDir(path, config, files)
+        check_weights_match_architecture(model)
+        return model
     pickles = sorted({p for pattern in PICKLE_PATTERNS for p in path.glob(pattern)})
     if pickles and not allow_pickle:
         raise InfoptError(
@@ -98,7 +102,43 @@ def open_model(spec: str, allow_pickle: bool = False) -> ModelDir:
         )
     if not pickles:
         raise InfoptError(f"{path} is not a model directory: no *.safetensors weights")
-    return ModelDir(path, config, pickles, pickle=True)
+    model = ModelDir(path, config, pickles, pickle=True)
+    check_weights_match_architecture(model)
+    return model
+
+
+def check_weights_match_architecture(model: ModelDir) -> None:
+    """Every tensor the architecture has is in the files with its shape, and nothing else is (the model is built by
+    transformers on the meta device: no memory). Full-precision checkpoints only; each format's reader checks its
+    own packed tensors."""
+    from transformers import AutoModelForCausalLM
+
+    if model.quant_method or model.config.get("auto_map"):
+        return
+    hf_config = hf_config_from_dict(model.config)
+    try:
+        with torch.device("meta"), quiet_transformers():
+            lm = AutoModelForCausalLM.from_config(hf_config)
+        expected = {k: tuple(v.shape) for k, v in lm.state_dict().items()}
+    except Exception as exc:  # the config passed transformers' validators but the model cannot be built from it
+        raise InfoptError(f"{model.path}: transformers cannot build a model from config.json: {_first_line(exc)}") from None
+    if model.pickle:
+        found = {k: tuple(v.shape) for k, v in load_state_dict(model).items()}
+    else:
+        found = {}
+        for file in model.files:
+            found.update({k: tuple(v["shape"]) for k, v in check_safetensors(file).items() if k != "__metadata__"})
+    tied = getattr(hf_config, "tie_word_embeddings", False)
+    missing = sorted(k for k in expected if k not in found and not (tied and k == "lm_head.weight"))
+    ignored = [re.compile(p) for p in (getattr(lm, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    ignored.append(re.compile(r"rotary_emb\.inv_freq$"))  # persisted by older transformers, recomputed now
+    unexpected = sorted(k for k in found if k not in expected and not any(p.search(k) for p in ignored))
+    wrong = sorted(k for k in expected if k in found and found[k] != expected[k])
+    if missing or unexpected or wrong:
+        parts = [f"missing {', '.join(missing[:3])}" if missing else "",
+                 f"unexpected {', '.join(k[:80] for k in unexpected[:3])}" if unexpected else "",
+                 f"{wrong[0]} is {list(found[wrong[0]])}, the config implies {list(expected[wrong[0]])}" if wrong else ""]
+        raise InfoptError(f"{model.path}: the weights do not match config.json: {'; '.join(p for p in parts if p)}")
 
 
 def load_config_only(spec: str) -> dict:
@@ -108,7 +148,12 @@ def load_config_only(spec: str) -> dict:
         path = path / "config.json"
     if not path.is_file():
         raise InfoptError(f"no config.json at {spec}")
-    return read_config(path)
+    config = check_model_config(read_config(path), str(path))
+    from transformers import CONFIG_MAPPING
+
+    if config.get("model_type") in CONFIG_MAPPING:
+        hf_config_from_dict(config)  # transformers' own validators, for the architectures it knows
+    return config
 
 
 def load_state_dict(model: ModelDir) -> dict[str, torch.Tensor]:
@@ -116,7 +161,7 @@ def load_state_dict(model: ModelDir) -> dict[str, torch.Tensor]:
     if model.pickle:
         state: dict[str, torch.Tensor] = {}
         for file in model.files:
-            state.update(torch.load(file, map_location="cpu", weights_only=True))
+            state.update(load_pickle_weights(file))
         return state
     if model.quant_method is None:
         from infopt.formats.safetensors_io import load_tensors
@@ -125,17 +170,60 @@ def load_state_dict(model: ModelDir) -> dict[str, torch.Tensor]:
     return registry.read_dense_state_dict(model.files, model.config)
 
 
+def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A pickle checkpoint through torch's weights-only unpickler, which builds tensors and plain containers and
+    nothing else: a pickle that would import or call anything is refused, even with --allow-pickle."""
+    import pickle
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError,
+            ImportError, OSError) as exc:
+        text = str(exc)
+        found = re.search(r"Unsupported (global|operand)[^\n]*", text)
+        reason = found.group(0) if found else (text.strip().splitlines() or [exc.__class__.__name__])[0]
+        raise InfoptError(f"refusing {file}: not a plain weights pickle (the weights-only loader stopped: "
+                          f"{reason[:160]})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise InfoptError(f"refusing {file}: expected a mapping of tensor names to tensors")
+    return state
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings about a config's details (token ids, defaults) while infopt only inspects it."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
 def hf_config_from_dict(config: dict):
     """A transformers config object from a config.json dict (any quantization_config dropped)."""
     from transformers import AutoConfig
 
+    check_known_architecture(config, "config.json")
     config = copy.deepcopy(config)
     config.pop("quantization_config", None)
     model_type = config.pop("model_type", None)
     try:
-        return AutoConfig.for_model(model_type, **config)
-    except (ValueError, KeyError) as exc:
-        raise InfoptError(f"transformers cannot build model type {model_type!r}: {exc}") from None
+        with quiet_transformers():
+            return AutoConfig.for_model(model_type, **config)
+    except Exception as exc:  # transformers' config validators raise several types (and wrap ValueErrors)
+        raise InfoptError(f"config.json: transformers refuses this {model_type!r} config: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The most specific line of an exception from a third-party validator (its own cause's text when wrapped)."""
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    tail = lines[-1] if lines else exc.__class__.__name__
+    return tail.split(": ", 1)[-1][:200] if tail.startswith(("ValueError", "TypeError")) else tail[:200]
 
 
 def no_init_weights():
@@ -155,7 +243,10 @@ def build_hf_model(config: dict, state: dict[str, torch.Tensor], dtype: torch.dt
     with no_init_weights():  # weights come from the checkpoint; only buffers need computing
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # shapes that disagree with the config
+        raise InfoptError(f"weights do not match the architecture: {str(exc).splitlines()[-1].strip()[:200]}") from None
     tied = {k for k in missing if _is_tied(model, k)}
     if set(missing) - tied or unexpected:
         raise InfoptError(

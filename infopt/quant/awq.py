@@ -30,6 +30,46 @@ from infopt.quant.spec import QuantSpec
 
 # AutoAWQ leaves q/k unclipped: their errors are amplified by the softmax of attention scores
 NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
+ERROR_TOKENS = 8192  # calibration tokens the reported output error is measured on
+
+
+class _Observed:
+    """What AWQ keeps of a module's streamed inputs (batches arrive in window order, see LayerContext)."""
+
+    def __init__(self, ctx, windows: torch.Tensor | None, token_step: int, head_tokens: int):
+        self.ctx, self.token_step, self.head_tokens = ctx, token_step, head_tokens
+        self.keep = set(windows.tolist()) if windows is not None else set()
+        self.abs_sum, self.count = None, 0
+        self.kept, self.sampled_parts, self.head_parts = [], [], []
+
+    def add(self, x: torch.Tensor) -> None:
+        batch, seq, features = x.shape
+        start = self.ctx.batch_start
+        flat = x.reshape(-1, features)
+        total = flat.abs().sum(0, dtype=torch.float64)
+        self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
+        self.count += flat.shape[0]
+        rows = [i for i in range(batch) if start + i in self.keep]
+        if rows:
+            self.kept.append(x[rows].clone())
+        first = start * seq
+        if self.token_step:
+            offset = (-first) % self.token_step  # global token index t is kept when t % step == 0
+            self.sampled_parts.append(flat[offset :: self.token_step].clone())
+        if first < self.head_tokens:
+            self.head_parts.append(flat[: self.head_tokens - first].clone())
+
+    def abs_mean(self) -> torch.Tensor:
+        return (self.abs_sum / self.count).float()
+
+    def windows(self) -> torch.Tensor:
+        return torch.cat(self.kept)
+
+    def sampled(self) -> torch.Tensor:
+        return torch.cat(self.sampled_parts)
+
+    def head(self) -> torch.Tensor:
+        return torch.cat(self.head_parts)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,11 +130,14 @@ class AWQMethod:
     # --- activations -----------------------------------------------------------------------------
 
     @staticmethod
-    def _inputs(ctx, module: nn.Module) -> torch.Tensor:
-        """The module's input on every calibration window, [windows, seq, features]."""
-        parts: list[torch.Tensor] = []
-        ctx.observe_inputs(module, parts.append)
-        return torch.cat(parts)
+    def _observe(ctx, module: nn.Module, windows: torch.Tensor | None = None, token_step: int = 0,
+                 head_tokens: int = 0) -> "_Observed":
+        """Stream the module's inputs over every calibration window, keeping only what the search needs: the
+        per-channel mean |x|, the chosen whole windows, every token_step-th token and the first head_tokens tokens.
+        Memory is bounded by those budgets, not by the calibration set."""
+        observed = _Observed(ctx, windows, token_step, head_tokens)
+        ctx.observe_inputs(module, observed.add)
+        return observed
 
     @staticmethod
     def _run(ctx, module: nn.Module, x: torch.Tensor, attention: bool) -> torch.Tensor:
@@ -111,14 +154,13 @@ class AWQMethod:
 
     def _search_scale(self, ctx, group, linears: list[nn.Linear], specs: list[QuantSpec]) -> tuple[torch.Tensor, dict]:
         inspect = ctx.layer.get_submodule(group.inspect)
-        x = self._inputs(ctx, linears[0])
-        x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(0)
+        observed = self._observe(ctx, linears[0], windows=self._search_windows(*ctx.inputs.data.shape[:2]))
+        x_mean, x = observed.abs_mean(), observed.windows()
         w_mean = None
         if self.config.duo_scaling:
             w = torch.cat([lin.weight.float() for lin in linears])
             w_mean = (w.abs() / w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)).mean(0)
         attention = group.inspect.endswith("attn")
-        x = self._search_windows(x)
         target = self._run(ctx, inspect, x, attention)
         originals = [lin.weight.data.clone() for lin in linears]
         losses = []
@@ -133,13 +175,16 @@ class AWQMethod:
         s = scale_candidates(x_mean, w_mean, best / self.config.grid).to(x.device)
         return s, {"alpha": best / self.config.grid, "scale_loss": losses[best], "unscaled_loss": losses[0]}
 
-    def _search_windows(self, x: torch.Tensor) -> torch.Tensor:
-        """At most config.search_tokens tokens of x [windows, seq, features], as evenly spaced whole windows."""
+    def _search_windows(self, windows: int, seq: int) -> torch.Tensor:
+        """Indices of at most config.search_tokens tokens' worth of windows, evenly spaced whole windows."""
         budget = self.config.search_tokens
-        if budget == 0 or x.shape[0] * x.shape[1] <= budget:
-            return x
-        count = max(1, budget // x.shape[1])
-        return x[torch.linspace(0, x.shape[0] - 1, count).round().long().unique()]
+        if budget == 0 or windows * seq <= budget:
+            return torch.arange(windows)
+        count = max(1, budget // seq)
+        return torch.linspace(0, windows - 1, count).round().long().unique()
+
+    def _clip_step(self, tokens: int) -> int:
+        return math.ceil(tokens / self.config.clip_tokens) if tokens > self.config.clip_tokens else 1
 
     # --- clipping and rounding ---------------------------------------------------------------------
 
@@ -150,11 +195,7 @@ class AWQMethod:
         width = in_f // groups
         w = weight.float().reshape(out_f, groups, width)
         wmin, wmax = w.amin(-1), w.amax(-1)
-        tokens = x.reshape(-1, in_f).float()
-        if tokens.shape[0] > self.config.clip_tokens:
-            step = math.ceil(tokens.shape[0] / self.config.clip_tokens)
-            tokens = tokens[::step]
-        tokens = tokens.reshape(-1, groups, width)
+        tokens = x.reshape(-1, in_f).float().reshape(-1, groups, width)  # the sampled tokens (see _observe)
         best_err = torch.full((out_f, groups), float("inf"), device=weight.device)
         best_min, best_max = wmin.clone(), wmax.clone()
         rows = max(1, (1 << 26) // max(1, tokens.shape[0] * groups))  # bound the [tokens, groups, rows] product
@@ -190,7 +231,7 @@ class AWQMethod:
 
     @staticmethod
     def _output_error(weight: torch.Tensor, quantized: torch.Tensor, x: torch.Tensor) -> float:
-        tokens = x.reshape(-1, x.shape[-1]).float()[:8192]
+        tokens = x.reshape(-1, x.shape[-1]).float()
         ref = tokens @ weight.float().T
         err = tokens @ (weight.float() - quantized.float()).T
         return float(err.pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
@@ -221,17 +262,20 @@ class AWQMethod:
         for rel, reason in self.adapter.unscalable:
             scale_info.setdefault(f"{prefix}.{rel}", {"scale": f"skipped: {reason}"})
         ctx.reuse_attention = True  # every scale is folded: the attention output is final once q/k/v are
+        windows, seq = ctx.inputs.data.shape[:2]
         for group in ctx.groups:
-            x = self._inputs(ctx, group[0].module)
+            observed = self._observe(ctx, group[0].module, token_step=self._clip_step(windows * seq),
+                                     head_tokens=ERROR_TOKENS)
+            sampled, head = observed.sampled(), observed.head()
             for linear in group:
                 start = time.perf_counter()
                 clip = self.config.clip and not linear.name.endswith(NO_CLIP)
                 weight = linear.module.weight.data
-                q = self._quantize(weight, x, linear.spec, clip)
+                q = self._quantize(weight, sampled, linear.spec, clip)
                 ctx.set_quantized(linear, q)
                 result.quantized[linear.name] = q
                 info = dict(scale_info.get(linear.name, {"scale": "skipped: not in a scale group"}))
-                info.update({"output_error": self._output_error(weight, q.dequantize().to(weight.device), x), "clipped": clip,
+                info.update({"output_error": self._output_error(weight, q.dequantize().to(weight.device), head), "clipped": clip,
                              "seconds": time.perf_counter() - start})
                 result.info[linear.name] = info
         # scaled norms, and scaled upstream linears' biases (their weights are in the quantized result)

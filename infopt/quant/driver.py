@@ -113,6 +113,11 @@ class LayerContext:
             stack.enter_context(fp32_attention())
         return stack
 
+    @property
+    def batch_start(self) -> int:
+        """Index of the first window of the batch being run (for observers that keep some windows)."""
+        return self._batch_start
+
     def _batches(self):
         for start in range(0, len(self.inputs), self.micro_batch):
             self._batch_start = start

@@ -23,7 +23,7 @@ import yaml
 from infopt import __version__
 from infopt.errors import InfoptError
 from infopt.models.loading import ModelDir, open_model
-from infopt.paths import check_output_target, inputs_overlap, sha256_file
+from infopt.paths import check_output_target, inputs_overlap, keep_for_resume, release_for_resume, sha256_file
 from infopt.release.recipe import Recipe, artifact_request, gates_of, load_recipe, request_recipe
 from infopt.release.report import write_plot, write_release_markdown
 from infopt.quant.methods import config_values
@@ -98,15 +98,13 @@ def build_release(recipe_path: Path, out: Path, force: bool = False, resume: boo
     recipe = load_recipe(recipe_path)
     out = Path(out)
     check_output_target(out, force)
-    if out.exists() and not (out / "release.json").is_file():
-        raise InfoptError(f"{out} exists and is not an infopt release folder (no release.json); --force replaces "
-                          "only an earlier release")
     source = open_model(recipe.model, recipe.allow_pickle)
     if inputs_overlap(out, [source.path, Path(recipe_path)]):
         raise InfoptError(f"--out {out} overlaps an input of this release (the source model or the recipe)")
     work = work_dir_for(out)
     _preflight(recipe, work)
     _prepare_work_dir(work, resume, force)
+    keep_for_resume(work)
     source_files = _source_fingerprint(source)
     windows = None
     if recipe.calibration is not None:  # the recipe check guarantees a calibrated artifact uses it
@@ -151,6 +149,7 @@ def build_release(recipe_path: Path, out: Path, force: bool = False, resume: boo
     release["files"] = {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()}
     (work / "release.json").write_text(json.dumps(release, indent=2, sort_keys=False, default=str) + "\n")
     _move_into_place(work, out)
+    release_for_resume(work)
     return release
 
 

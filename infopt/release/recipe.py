@@ -71,6 +71,7 @@ class ArtifactSection(_Closed):
 class Recipe(_Closed):
     model: str = Field(min_length=1)  # a model folder or a hub id
     allow_pickle: bool = False
+    allow_non_finite: bool = False
     calibration: CalibrationSection | None = None
     evaluation: EvaluationSection | None = None
     gates: GatesSection | None = None  # for every artifact; an artifact's own gates override them
@@ -169,7 +170,8 @@ def artifact_request(recipe: Recipe, art: ArtifactSection, out: Path | None, **r
     return QuantizeRequest(model=recipe.model, out=out, name=art.name, method=art.method, config=method.make_config(art.options),
                            fmt=art.format, ignore=list(art.ignore), overrides=list(art.overrides),
                            include_lm_head=art.include_lm_head, max_shard_bytes=parse_size(str(art.max_shard_size)),
-                           allow_pickle=recipe.allow_pickle, calibration=calibration, evaluation=evaluation,
+                           allow_pickle=recipe.allow_pickle, allow_non_finite=recipe.allow_non_finite,
+                           calibration=calibration, evaluation=evaluation,
                            gates=gates_of(recipe, art), **run)
 
 
@@ -180,7 +182,8 @@ def _model_reference(model: str) -> str:
 
 def request_recipe(req) -> str:
     """The resolved single-artifact recipe of a QuantizeRequest, as the YAML text a checkpoint stores."""
-    data: dict[str, Any] = {"model": _model_reference(req.model), "allow_pickle": req.allow_pickle}
+    data: dict[str, Any] = {"model": _model_reference(req.model), "allow_pickle": req.allow_pickle,
+                            "allow_non_finite": req.allow_non_finite}
     if req.calibration is not None:
         data["calibration"] = dataclasses.asdict(req.calibration)
     if req.evaluation is not None:

@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from llmc_env import ensure_llmc_python  # noqa: E402
-from synthetic import llama_config, make_synthetic_llama  # noqa: E402
 
 
 @dataclass
@@ -159,25 +158,6 @@ def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def memory_rows(work: Path, threads: int, widths=(1024, 2816)) -> list[str]:
-    """Peak RSS of `infopt quantize --method gptq` on synthetic Llamas of 4 and 32 layers, same width."""
-    rows = ["| layers | checkpoint bytes | peak RSS | wall s |", "| ---: | ---: | ---: | ---: |"]
-    peaks = {}
-    for layers in (4, 32):
-        config = llama_config(layers, widths[0], widths[1], 8, 8)
-        model = make_synthetic_llama(work / f"synthetic-{layers}", config)
-        out = work / f"synthetic-{layers}-q"
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "peak_rss.py"), sys.executable, "-m", "infopt.cli.main",
-               "quantize", str(model), "--method", "gptq", "--calib", "wikitext2", "--calib-samples", "4",
-               "--calib-seq-len", "256", "--bits", "4", "--group-size", "128", "--out", str(out), "--force", "--json"]
-        seconds, stdout = _timed(cmd, threads)
-        peak = int(stdout.strip().splitlines()[-1].split("=")[1])
-        peaks[layers] = peak
-        rows.append(f"| {layers} | {_size(model):,} | {peak / 2**20:,.0f} MiB | {seconds:.0f} |")
-    rows += ["", f"Peak RSS ratio, 32 layers / 4 layers: **{peaks[32] / peaks[4]:.2f}** (target <= 1.3)."]
-    return rows
-
-
 def section(bench_model: Path, stories: Path, work: Path, threads: int = 2, repeats: dict | None = None) -> list[str]:
     repeats = repeats or {"gptq": 3, "awq": 2}
     llmc_python = ensure_llmc_python()
@@ -217,14 +197,7 @@ def section(bench_model: Path, stories: Path, work: Path, threads: int = 2, repe
         "",
         *speed,
         "",
-        "### Peak memory against depth",
-        "",
-        "Synthetic Llamas (random weights on disk), hidden 1024, intermediate 2816, 8 heads; the same width,",
-        "4 and 32 decoder layers; `infopt quantize --method gptq --calib wikitext2 --calib-samples 4",
-        "--calib-seq-len 256 --group-size 128`. Layers are loaded one at a time from the shards, so the",
-        "peak does not grow with depth.",
-        "",
-        *memory_rows(work, threads),
+        "Peak memory against depth: see the memory section.",
     ]
 
 

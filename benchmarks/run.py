@@ -28,6 +28,7 @@ TITLES = {"foundation": "RTN and packing (foundation)", "gptq": "GPTQ, AWQ, NF4/
           "runtime": "Runtime: decode speed, batching, paged KV cache, prefill memory",
           "speculative": "Speculative decoding",
           "gpu": "GPU (Triton kernels, CUDA runtime, `--device cuda` quantization)",
+          "memory": "Peak memory of the calibrated methods",
           "reliability": "Reliability: malformed inputs and faults"}
 BY_HAND = {"gpu": "written by hand from benchmarks/gpu_check.py and benchmarks/gpu_session.py on a CUDA machine"}
 
@@ -86,6 +87,10 @@ def run_section(name: str, work: Path, repeats: int) -> list[str]:
         widened = widen_llama(bench, bench.parent / f"widened-{bench_speculative.WIDEN}x-{bench.name}",
                               bench_speculative.WIDEN)
         return bench_speculative.section(bench, _stories(work), widened)
+    if name == "memory":
+        import bench_memory
+
+        return bench_memory.section(work, THREADS)
     if name == "reliability":
         import bench_reliability
 

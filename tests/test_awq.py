@@ -9,7 +9,7 @@ from infopt.formats.safetensors_io import weight_files
 from infopt.models.adapters import ADAPTERS
 from infopt.models.loading import load_causal_lm, open_model
 from infopt.models.streaming import LayerStream, move_kwargs
-from infopt.quant.awq import AWQConfig, fold_scale
+from infopt.quant.awq import fold_scale
 from infopt.quant.spec import QuantSpec
 from infopt.workflows import CalibrationData, make_request, evaluate_checkpoint, quantize, work_dir_for
 from tests.tiny_models import ARCH_CONFIGS, copy_tokenizer, make_tiny_model

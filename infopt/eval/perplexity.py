@@ -104,12 +104,12 @@ def evaluate(model, ids: torch.Tensor, seq_len: int, stride: int | None = None, 
         keep = batch[0].end - batch[0].score_from
         targets = torch.stack([ids[w.score_from : w.end] for w in batch])
         log_p = _log_probs(model, inputs, keep)
-        totals.nll -= log_p.gather(-1, targets.unsqueeze(-1)).sum().item()
+        totals.nll -= log_p.gather(-1, targets.unsqueeze(-1)).sum(dtype=torch.float64).item()
         totals.tokens += targets.numel()
         if baseline is not None:
             base = _baseline_log_probs(baseline, inputs, keep, batch, baseline_cache)
-            totals.base_nll -= base.gather(-1, targets.unsqueeze(-1)).sum().item()
-            totals.kl += (base.exp() * (base - log_p)).sum().item()
+            totals.base_nll -= base.gather(-1, targets.unsqueeze(-1)).sum(dtype=torch.float64).item()
+            totals.kl += (base.exp() * (base - log_p)).sum(dtype=torch.float64).item()
             totals.agree += (base.argmax(-1) == log_p.argmax(-1)).sum().item()
         done += len(batch)
         if progress:

@@ -49,7 +49,6 @@ def section(work: Path, threads: int = 2) -> list[str]:
     samples, seq_len = 8, 2048
     seconds, peak = _peak(_quantize(big, work / "q-awq-7b", "awq", samples, seq_len, ("--awq-grid", "4")), threads)
     tokens = samples * seq_len
-    whole = tokens * 11008 * 4  # what collecting down_proj's inputs of every window in fp32 would take, once
     return [
         "Synthetic Llamas (random weights on disk), hidden 1024, intermediate 2816, 8 heads, 4 and 32 decoder",
         "layers; `infopt quantize --method gptq|awq --calib wikitext2 --calib-samples 4 --calib-seq-len 256",
@@ -64,9 +63,11 @@ def section(work: Path, threads: int = 2) -> list[str]:
         "",
         f"One 7B-shaped layer (hidden 4096, intermediate 11008, 32 heads; {_size(big) / 1e9:.2f} GB fp32), AWQ on "
         f"{samples} windows x {seq_len} tokens (`--awq-grid 4`, which changes the time, not the memory): peak RSS "
-        f"**{peak / 2**30:.2f} GiB** in {seconds:.0f} s. Collecting down_proj's inputs over every window, as AWQ "
-        f"did before it streamed, would take {whole / 2**30:.2f} GiB for that tensor alone, plus a second copy "
-        f"for the statistics; at the defaults (128 x 2048 tokens) that was about "
-        f"{128 * 2048 * 11008 * 4 / 1e9:.1f} GB, while the streamed search keeps at most --awq-search-tokens "
-        f"(16384) tokens: {16384 * 11008 * 4 / 2**30:.2f} GiB.",
+        f"**{peak / 2**30:.2f} GiB** in {seconds:.0f} s. That is {tokens} tokens, the scale search's default budget "
+        "(`--awq-search-tokens 16384`), so here the search keeps every window: the peak is the layer's fp32 weights, "
+        "the stored layer inputs and the MLP forwards of the search tokens "
+        f"({16384 * 11008 * 4 / 2**30:.2f} GiB per [16384, 11008] fp32 activation). More windows add only the stored "
+        "layer inputs (bounded by `--offload-activations`), since the statistics are streamed and only the budgeted "
+        "tokens are kept; before it streamed, AWQ held every window's inputs of each linear group plus a copy, about "
+        f"{128 * 2048 * 11008 * 4 / 1e9:.1f} GB for down_proj alone at the defaults (128 x 2048 tokens).",
     ]

@@ -173,6 +173,10 @@ def test_flipped_header_bytes(model, tmp_path_factory, command):
     fuzz.done(25)
 
 
+def _header(data: bytes) -> dict:
+    return json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
+
+
 def _rewrite_header(data: bytes, header: dict) -> bytes:
     old_end = 8 + struct.unpack("<Q", data[:8])[0]
     text = json.dumps(header).encode()
@@ -195,7 +199,7 @@ BAD_FIELDS = st.one_of(
 def test_out_of_range_header_fields(model, tmp_path_factory, command):
     work = _workspace(tmp_path_factory, f"header-{command}")
     data = (model / "model.safetensors").read_bytes()
-    header = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
+    header = _header(data)
     names = sorted(k for k in header if k != "__metadata__")
     fuzz = Fuzzer("safetensors header field out of range", command)
 
@@ -316,8 +320,7 @@ def test_index_files_with_hostile_paths(model, tmp_path_factory, command):
     work = _workspace(tmp_path_factory, f"index-{command}")
     outside = work / "outside.safetensors"
     shutil.copyfile(model / "model.safetensors", outside)
-    header = json.loads((model / "model.safetensors").read_bytes()[8:8 + struct.unpack("<Q", (model / "model.safetensors").read_bytes()[:8])[0]])
-    names = sorted(k for k in header if k != "__metadata__")
+    names = sorted(k for k in _header((model / "model.safetensors").read_bytes()) if k != "__metadata__")
     fuzz = Fuzzer("index with a hostile path", command)
 
     @_settings(15)
@@ -374,7 +377,7 @@ def test_quantization_configs_of_the_wrong_type(quantized, tmp_path_factory, com
         elif field == "drop":
             path = case_dir / "model.safetensors"
             data = path.read_bytes()
-            header = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
+            header = _header(data)
             victim = next(k for k in sorted(header) if k.endswith("." + value))
             header[victim + "_renamed"] = header.pop(victim)
             path.write_bytes(_rewrite_header(data, header))

@@ -35,3 +35,42 @@ def test_inspect_cli_reads_only_config(tmp_path):
     assert report["quantization_config"]["quant_method"] == "gptq"
     text = run_cli("inspect", str(tmp_path / "config.json"))
     assert text.returncode == 0 and "68,976,648,192" in text.stdout and "137.95 GB" in text.stdout
+
+
+LLAMA3_70B = {
+    "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "rope_theta": 500000.0,
+}
+
+
+def test_capacity_plan_llama3_70b_needs_two_80gb_gpus_in_fp16_and_one_in_int4():
+    from infopt.eval.footprint import capacity
+
+    report = footprint(LLAMA3_70B)
+    rows = {(r["storage"], r["gpu"]): r for r in capacity(report)}
+    fp16, int4 = rows[("fp16/bf16", "H100 80GB")], rows[("int4-g128", "H100 80GB")]
+    assert fp16["gpus_needed"] == 2 and int4["gpus_needed"] == 1  # the seed's example
+    usable = 0.9 * 80 * 2**30
+    per_token = report["kv_cache"]["bytes_per_token"]
+    assert fp16["max_kv_tokens"] == int((2 * usable - report["weight_bytes"]["fp16/bf16"]) // per_token)
+    assert int4["max_kv_tokens"] == int((usable - report["weight_bytes"]["int4-g128"]) // per_token)
+    assert int4["max_batch_at_context"] == int4["max_kv_tokens"] // 8192
+    assert not rows[("fp32", "RTX 4090 24GB")]["fits"]  # 8 x 24 GiB x 0.9 < 282 GB
+    assert rows[("fp16/bf16", "RTX 4090 24GB")]["gpus_needed"] == 8
+    assert rows[("fp16/bf16", "H200 141GB")]["gpus_needed"] == 2  # 141 GB of weights leave no room on one
+    for row in rows.values():
+        assert {"storage", "gpu", "gpu_memory_bytes", "gpus_needed", "max_kv_tokens"} <= set(row)
+        assert (row["gpus_needed"] is None) is (not row["fits"])
+
+
+def test_inspect_json_lists_fits_for_custom_gpus(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_70B))
+    result = run_cli("inspect", str(tmp_path), "--gpu-memory", "48", "--gpu-memory", "96", "--json")
+    assert result.returncode == 0, result.stderr
+    fits = json.loads(result.stdout)["fits"]
+    assert {r["gpu"] for r in fits} == {"48 GiB", "96 GiB"}
+    int4 = {r["gpu"]: r for r in fits if r["storage"] == "int4-g128"}
+    assert int4["48 GiB"]["gpus_needed"] == 1 and int4["48 GiB"]["gpu_memory_bytes"] == 48 * 2**30
+    table = run_cli("inspect", str(tmp_path))
+    assert table.returncode == 0 and "H100 80GB" in table.stdout and "GPUs needed" in table.stdout

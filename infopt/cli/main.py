@@ -449,17 +449,26 @@ def inspect(
     model: str = typer.Argument(..., help="Model folder, config.json path, or hub id (only config.json is read)."),
     context: Optional[int] = typer.Option(None, "--context", help="Tokens per sequence for the KV-cache estimate."),
     batch: int = typer.Option(1, "--batch", min=1, help="Sequences for the KV-cache estimate."),
+    gpu_memory: list[float] = typer.Option([], "--gpu-memory", min=1.0, max=4096.0,
+                                           help="Plan for GPUs of this many GiB instead of the common ones (repeatable)."),
+    utilization: float = typer.Option(0.9, "--utilization", min=0.1, max=1.0, help="Share of each GPU for weights "
+                                      "and KV cache (vLLM's default gpu_memory_utilization, 0.9)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Parameter count, weight memory per format and KV-cache size, from config.json alone."""
-    from infopt.eval.footprint import footprint
+    """Parameter count, weight memory per format, KV-cache size, and which GPUs the model fits on, from config.json."""
+    from infopt.eval.footprint import capacity, footprint
     from infopt.models.loading import load_config_only
 
     config = load_config_only(model)
+    if context is not None and context < 1:
+        raise InfoptError(f"--context {context}: at least 1 token")
     try:
         report = footprint(config, context, batch)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
         raise InfoptError(f"config.json lacks what the estimate needs ({exc.__class__.__name__}: {exc})") from None
+    gpus = {f"{g:g} GiB": g for g in gpu_memory} or None
+    report["fits"] = capacity(report, gpus, utilization)
+    report["utilization"] = utilization
     if json_out:
         print_json(report)
         return
@@ -476,6 +485,31 @@ def inspect(
                       f"{human_bytes(kv['bytes'])} for {kv['context']} tokens x batch {kv['batch']}")
     if report["quantization_config"]:
         out_console.print(f"quantization_config: {report['quantization_config']}")
+    _print_fits(report)
+
+
+def _short(count: int) -> str:
+    for unit, size in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return str(count)
+
+
+def _print_fits(report: dict) -> None:
+    storages = list(report["weight_bytes"])
+    table = Table(title=f"GPUs needed (weights + one {report['kv_cache']['context']}-token sequence of KV within "
+                        f"{report['utilization']:.0%} of each GPU) x KV tokens that fit beside the weights")
+    table.add_column("gpu")
+    for storage in storages:
+        table.add_column(storage, justify="right")
+    by_gpu: dict[str, dict[str, dict]] = {}
+    for row in report["fits"]:
+        by_gpu.setdefault(row["gpu"], {})[row["storage"]] = row
+    for gpu, rows in by_gpu.items():
+        cells = [f"{r['gpus_needed']}x {_short(r['max_kv_tokens'])}" if r["fits"] else "[red]>8[/red]"
+                 for r in (rows[s] for s in storages)]
+        table.add_row(gpu, *cells)
+    out_console.print(table)
 
 
 @app.command()

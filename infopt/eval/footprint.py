@@ -158,3 +158,32 @@ def footprint(config: dict, context: int | None = None, batch: int = 1) -> dict:
         },
         "quantization_config": config.get("quantization_config"),
     }
+
+
+# Accelerators by memory as sold (vendors' datasheets; "80 GB" parts hold 80 GiB of HBM).
+ACCELERATORS: dict[str, float] = {
+    "T4 16GB": 16, "V100 32GB": 32, "A10G 24GB": 24, "L4 24GB": 24, "RTX 3090 24GB": 24, "RTX 4090 24GB": 24,
+    "RTX 5090 32GB": 32, "L40S 48GB": 48, "RTX 6000 Ada 48GB": 48, "A100 40GB": 40, "A100 80GB": 80,
+    "H100 80GB": 80, "H200 141GB": 141, "B200 192GB": 192, "MI300X 192GB": 192,
+}
+# The share of each GPU the weights and the KV cache may use: vLLM's default gpu_memory_utilization (EngineArgs,
+# 0.9); the rest covers the CUDA context, activations and allocator fragmentation.
+UTILIZATION = 0.9
+GPU_COUNTS = (1, 2, 4, 8)  # tensor-parallel sizes within one node
+
+
+def capacity(report: dict, gpus: dict[str, float] | None = None, utilization: float = UTILIZATION) -> list[dict]:
+    """For every storage and accelerator: the fewest GPUs (1, 2, 4 or 8) whose usable memory holds the weights and
+    one full sequence of KV cache (`report`'s context), and how many KV tokens then fit beside the weights."""
+    per_token = report["kv_cache"]["bytes_per_token"]
+    context = report["kv_cache"]["context"]
+    rows = []
+    for storage, weight in report["weight_bytes"].items():
+        for gpu, gib in (gpus or ACCELERATORS).items():
+            memory = int(gib * 2**30)
+            need = next((n for n in GPU_COUNTS if weight + per_token * context <= n * memory * utilization), None)
+            free = (need * memory * utilization - weight) if need else 0
+            rows.append({"storage": storage, "gpu": gpu, "gpu_memory_bytes": memory, "fits": need is not None,
+                         "gpus_needed": need, "max_kv_tokens": int(free // per_token) if need else 0,
+                         "max_batch_at_context": int(free // (per_token * context)) if need else 0})
+    return rows

@@ -91,7 +91,12 @@ def _quantize(
     from infopt.workflows import CalibrationData, EvaluationSpec, QuantizeRequest, quantize as run
 
     if recipe is not None:
-        req = _recipe_request(recipe, out, force, dry_run, resume, locals(), method_options)
+        given = {"model": model, "method": method, "ignore": ignore, "override": override,
+                 "include_lm_head": include_lm_head, "fmt": fmt, "max_shard_size": max_shard_size, "calib": calib,
+                 "calib_samples": calib_samples, "calib_seq_len": calib_seq_len, "seed": seed,
+                 "text_field": text_field, "eval_dataset": eval_dataset, "eval_max_windows": eval_max_windows,
+                 "allow_pickle": allow_pickle, "allow_non_finite": allow_non_finite}
+        req = _recipe_request(recipe, out, force, dry_run, resume, given, method_options)
     else:
         if model is None:
             raise InfoptError("give MODEL (a folder or hub id) or --recipe FILE")

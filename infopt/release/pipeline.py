@@ -9,6 +9,7 @@ recipe entry and source files are unchanged (by fingerprint) and builds the rest
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,10 +25,9 @@ from infopt import __version__
 from infopt.errors import InfoptError
 from infopt.models.loading import ModelDir, open_model
 from infopt.paths import check_output_target, inputs_overlap, keep_for_resume, release_for_resume, sha256_file
-from infopt.release.recipe import Recipe, artifact_request, gates_of, load_recipe, request_recipe
+from infopt.release.recipe import Recipe, artifact_request, load_recipe, request_recipe
 from infopt.release.report import write_plot, write_release_markdown
 from infopt.quant.methods import config_values
-from infopt.quant.registry import get_method
 
 Progress = Callable[[str, int, int], None]
 DONE_SUFFIX = ".done.json"
@@ -110,10 +110,11 @@ def build_release(recipe_path: Path, out: Path, force: bool = False, resume: boo
     if recipe.calibration is not None:  # the recipe check guarantees a calibrated artifact uses it
         windows = calibration_set(CalibrationData(**recipe.calibration.model_dump()), source)
     session = EvalSession(source) if recipe.evaluation is not None else None
-    rows = []
+    rows, requests = [], []
     for art in recipe.artifacts:
         folder = work / art.name
         req = artifact_request(recipe, art, folder, force=True, windows=windows, eval_session=session)
+        requests.append(req)
         text = request_recipe(req)
         fingerprint = _fingerprint(text, source_files)
         done_file = work / f"{art.name}{DONE_SUFFIX}"
@@ -135,7 +136,7 @@ def build_release(recipe_path: Path, out: Path, force: bool = False, resume: boo
     release = {
         "infopt_version": __version__,
         "versions": _versions(),
-        "recipe": _resolved_recipe(recipe),
+        "recipe": _resolved_recipe(recipe, requests),
         "source": baseline,
         "artifacts": rows,
         "passed": not any((r.get("gates") or {}).get("failures") for r in rows),
@@ -161,16 +162,12 @@ def _baseline_row(source: ModelDir, rows: list[dict]) -> dict:
     return {"path": str(source.path), "weight_bytes": _weight_bytes(source.path), "eval": figures}
 
 
-def _resolved_recipe(recipe: Recipe) -> dict:
-    """The recipe with every artifact's options, format and gates filled in: what was actually built."""
+def _resolved_recipe(recipe: Recipe, requests: list) -> dict:
+    """The recipe with every artifact's format, options and gates as its request resolved them: what was built."""
     data = recipe.model_dump()
-    for art, entry in zip(recipe.artifacts, data["artifacts"]):
-        method = get_method(art.method)
-        entry["format"] = art.format or method.default_format
-        entry["options"] = config_values(method.make_config(art.options))
-        gates = gates_of(recipe, art)
-        entry["gates"] = None if gates is None else {k: getattr(gates, k) for k in ("max_ppl_delta", "max_kl",
-                                                                                    "min_top1")}
+    for req, entry in zip(requests, data["artifacts"]):
+        entry.update(format=req.format_name, options=config_values(req.config),
+                     gates=None if req.gates is None else dataclasses.asdict(req.gates))
     return data
 
 

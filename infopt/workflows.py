@@ -408,6 +408,7 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
         if "calibration" in report:
             c = report["calibration"]
             settings["calibration"] = f"{c['source']}: {c['samples']} windows x {c['seq_len']} tokens, seed {c['seed']}"
+            settings["threads"] = f"{report['threads']} (the same inputs, seed and thread count give the same bytes)"
         (tmp / artifact.RECIPE).write_text(request_recipe(req))
         artifact.write_model_card(tmp, {
             "name": req.name or req.out.name,

@@ -248,7 +248,11 @@ def load_part(path: Path) -> LayerResult:
 
 
 def prepare_work_dir(work_dir: Path, fingerprint: str, resume: bool, force: bool) -> int:
-    """Make the work folder ready; return how many layers are already finished there."""
+    """Make the work folder ready; return how many layers are already finished there.
+
+    The checkpoint's last bits depend on the number of threads the products run on (their blocking changes with
+    it: the fault-test model gives four different checkpoints at 1, 2, 3 and 4 threads), so the run records its
+    thread count and a resumed run computes on the same count, whatever the machine gives it now."""
     state_file = work_dir / STATE_FILE
     if work_dir.exists() and not resume:
         if not force:
@@ -257,16 +261,25 @@ def prepare_work_dir(work_dir: Path, fingerprint: str, resume: bool, force: bool
         for child in work_dir.iterdir():
             child.unlink()
     if resume and state_file.is_file():
-        state = json.loads(state_file.read_text())
-        if state.get("fingerprint") != fingerprint:
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            state = None
+        if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
             raise InfoptError(f"{work_dir} holds a run with other inputs or settings; "
                               "rerun without --resume and with --force to start over")
+        threads = state.get("threads")
+        if isinstance(threads, int) and 1 <= threads <= 4096 and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
         done = 0
         while part_path(work_dir, done).is_file():
             done += 1
         return done
     work_dir.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    state = {"fingerprint": fingerprint, "threads": torch.get_num_threads()}
+    tmp = state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state) + "\n")
+    tmp.rename(state_file)
     return 0
 
 
@@ -322,7 +335,7 @@ def run_layers(stream: LayerStream, windows: torch.Tensor, specs: dict[str, Quan
     for name in ("act-a.npy", "act-b.npy", "attention.npy"):
         (work_dir / name).unlink(missing_ok=True)
     return {"seconds": time.perf_counter() - start_time, "layer_seconds": timings, "resumed_layers": done,
-            "attention_reuse": reuse}
+            "threads": torch.get_num_threads(), "attention_reuse": reuse}
 
 
 def iter_results(work_dir: Path, num_layers: int):

@@ -57,12 +57,26 @@ def require_data_file(relative: str) -> Path:
 OUTPUT_MARKERS = ("infopt-manifest.json", "release.json")  # what every folder infopt writes holds
 
 
+def _infopt_file(path: Path) -> bool:
+    """Whether a single-file output was written by infopt (a GGUF file naming infopt as its quantizer)."""
+    from infopt.formats.gguf_container import read_header
+
+    try:
+        return str(read_header(path).metadata.get("general.quantized_by", "")).startswith("infopt")
+    except InfoptError:
+        return False
+
+
 def check_output_target(target: Path, force: bool) -> None:
     """An output may replace only an earlier infopt output, and only with --force."""
     target = Path(target)
     if target.exists() and not force:
         raise InfoptError(f"output {target} already exists (use --force to replace it)")
-    if target.exists():
+    if target.exists() and target.suffix == ".gguf":
+        if not target.is_file() or not _infopt_file(target):
+            raise InfoptError(f"{target} exists and is not a GGUF file infopt wrote; --force replaces only what "
+                              "infopt wrote, so remove it yourself or pick another --out")
+    elif target.exists():
         if not target.is_dir() or not any((target / marker).is_file() for marker in OUTPUT_MARKERS):
             raise InfoptError(f"{target} exists and is not an infopt output (no {' or '.join(OUTPUT_MARKERS)}); "
                               "--force replaces only what infopt wrote, so remove it yourself or pick another --out")
@@ -123,6 +137,32 @@ def atomic_output_dir(target: Path, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def atomic_output_files(target: Path, companions: list[str], force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside a single-file `target`; the block writes the file under its own name (and
+    the companions, e.g. a model card) there, and each is moved into place whole only if the block succeeds."""
+    target = Path(target)
+    if target.suffix != ".gguf":
+        raise InfoptError(f"--out {target}: a single-file output is named *.gguf")
+    check_output_target(target, force)
+    for name in companions:
+        companion = target.parent / name
+        if companion.exists() and not (force and target.is_file()):
+            raise InfoptError(f"{companion} already exists (it is written beside {target.name}; use --force only "
+                              "over an earlier infopt output)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    try:
+        yield tmp
+        for name in companions:
+            os.replace(tmp / name, target.parent / name)
+        os.chmod(tmp / target.name, 0o644)
+        os.replace(tmp / target.name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:

@@ -112,6 +112,7 @@ class QuantizeRequest:
     method: str = "rtn"
     config: MethodConfig | None = None  # the method's options; None: its defaults
     fmt: str | None = None  # None: the method's usual format
+    gguf_type: str | None = None  # --format gguf: llama-quantize's type name (None: from bits and symmetry)
     ignore: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)  # REGEX=BITS[:GROUP][:sym|asym] or REGEX=skip
     include_lm_head: bool = False
@@ -173,6 +174,8 @@ def plan_quantization(req: QuantizeRequest, model: ModelDir) -> QuantPlan:
     if not shapes:
         raise InfoptError(f"{model.path}: none of the {adapter.name} linears were found in the weights")
     spec = req.config.spec()
+    if fmt.single_file and not req.entry.calibrated:
+        spec = QuantSpec(4, 32, True)  # the GGUF writer rounds each tensor to its mixture's type; the plan lists them
     overrides = [parse_override(o, spec) for o in req.overrides]
     if req.entry.weights == FOUR_BIT and any(o is not None for _, o in overrides):
         raise InfoptError(f"--method {req.method} takes only REGEX=skip overrides")
@@ -340,6 +343,9 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
 
     fmt = output_format(req.format_name, req.entry)
     _check_request(req)
+    gguf_type = _gguf_file_type(req) if fmt.single_file else None
+    if req.gguf_type is not None and not fmt.single_file:
+        raise InfoptError("--gguf-type applies to --format gguf only")
     if req.out is not None and not req.dry_run:
         check_output_target(req.out, req.force)
     model = open_model(req.model, req.allow_pickle)
@@ -361,6 +367,10 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
         "expected_linear_bytes": _expected_bytes(req, plan, dtype_bytes),
         "source_linear_bytes": sum(o * i for o, i in (e.shape for e in plan.entries)) * dtype_bytes,
     }
+    if gguf_type is not None:
+        report["gguf_type"] = gguf_type
+        if not req.entry.calibrated:
+            report["spec"] = f"GGUF {gguf_type} (each tensor rounded to its type by the writer)"
     if req.dry_run:
         return report
     if req.out is None:
@@ -377,11 +387,21 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
         errors = {m: i["output_error"] for m, i in details["layer_info"].items()}
         report["error_metric"] = "rel. output MSE"
         items = _calibrated_items(model, work_dir, adapter)
+    elif gguf_type is not None:  # GGUF from full precision: the writer rounds each tensor to its mixture type
+        work_dir = None
+        report["error_metric"] = "relative weight MSE"
+        items = _checked_tensors(model, req.allow_non_finite)
     else:
         work_dir = None
         report["error_metric"] = "relative weight MSE"
         items = _streamed_items(req.entry.factory(req.config, fmt.storage, adapter), model, plan, errors, progress,
                                 req.allow_non_finite)
+    if gguf_type is not None:
+        _write_gguf(req, model, adapter, gguf_type, items, report, progress)
+        _finish_work_dir(work_dir)
+        report.update({"out": str(req.out), "seconds": time.perf_counter() - start, "errors": errors,
+                       "output_bytes": req.out.stat().st_size})
+        return report
     with atomic_output_dir(req.out, req.force) as tmp:
         writer = ShardedWriter(tmp, req.max_shard_bytes)
         specs = fmt.write_weights(writer, items)
@@ -419,9 +439,7 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
             "recipe": True,
         })
         artifact.write_manifest(tmp)
-    if work_dir is not None:
-        release_for_resume(work_dir)
-        shutil.rmtree(work_dir, ignore_errors=True)
+    _finish_work_dir(work_dir)
     report.update({
         "out": str(req.out),
         "files": files,
@@ -430,6 +448,84 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
         "errors": errors,
     })
     return report
+
+
+def _finish_work_dir(work_dir: Path | None) -> None:
+    if work_dir is not None:
+        release_for_resume(work_dir)
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+_GGUF_BY_GRID = {(8, True): "Q8_0", (4, True): "Q4_0", (4, False): "Q4_1"}
+
+
+def _gguf_file_type(req: QuantizeRequest) -> str:
+    """The GGUF file type of a request, checked against the method's grid before any work is done."""
+    from infopt.formats import gguf
+
+    config = req.config
+    grid = (getattr(config, "bits", None), getattr(config, "symmetric", None))
+    if req.gguf_type is not None:
+        file_type = gguf.resolve_file_type(req.gguf_type)
+    elif grid in _GGUF_BY_GRID:
+        file_type = _GGUF_BY_GRID[grid]
+    else:
+        raise InfoptError(f"int{grid[0]} {'sym' if grid[1] else 'asym'} has no GGUF block; pass --gguf-type "
+                          f"({', '.join(gguf.FILE_TYPES)})")
+    if req.entry.calibrated:
+        spec = gguf.grid_spec(file_type, config.group_size)
+        if (spec.bits, spec.symmetric) != grid:
+            raise InfoptError(f"--gguf-type {file_type} stores int{spec.bits} {'sym' if spec.symmetric else 'asym'}; "
+                              f"--method {req.method} is set to int{grid[0]} {'sym' if grid[1] else 'asym'} "
+                              f"(pass --bits {spec.bits} {'--sym' if spec.symmetric else '--asym'})")
+        if config.group_size != spec.group_size:
+            raise InfoptError(f"GGUF blocks hold 32 values: --group-size {config.group_size} is not -1 or a multiple "
+                              "of 32")
+    if req.overrides:
+        raise InfoptError("--override has no GGUF equivalent yet: the file type's mixture sets each tensor's type")
+    return file_type
+
+
+def _write_gguf(req: QuantizeRequest, model: ModelDir, adapter, file_type: str, items, report: dict,
+                progress: Progress | None) -> None:
+    """One GGUF file and its model card (NAME.md beside it), each moved into place whole."""
+    from infopt.formats import gguf
+    from infopt.paths import atomic_output_files
+
+    settings = {"method": req.method, "format": "gguf", "gguf type": file_type, "scheme": report["spec"]}
+    if "calibration" in report:
+        c = report["calibration"]
+        settings["calibration"] = f"{c['source']}: {c['samples']} windows x {c['seq_len']} tokens, seed {c['seed']}"
+    name = req.name or req.out.name.removesuffix(".gguf")
+    with atomic_output_files(req.out, [req.out.name + ".md"], req.force) as tmp:
+        written = gguf.write_model(tmp / req.out.name, items, config=model.config, adapter=adapter,
+                                   tokenizer_dir=model.path, file_type=file_type, name=name,
+                                   provenance={**settings, "options": config_values(req.config)})
+        metrics = {}
+        if req.evaluation is not None:
+            session = req.eval_session or EvalSession(model)
+            e = req.evaluation
+            metrics = {dataset: session.score(tmp / req.out.name, dataset, e.seq_len, e.stride, e.max_windows,
+                                              e.text_field, progress) for dataset in e.datasets}
+            report["eval"] = metrics
+        if req.gates is not None:
+            report["gates"] = {"limits": dataclasses.asdict(req.gates), "failures": req.gates.failures(metrics)}
+        types: dict[str, int] = {}
+        for t in written.tensors:
+            types[t["type"]] = types.get(t["type"], 0) + 1
+        settings["tensor types"] = ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))
+        exact = written.count("exact")
+        if req.entry.calibrated:
+            settings["stored exactly"] = f"{exact} of {len(report['quantized'])} quantized linears"
+        fallbacks = [f"{t['name']}: {t['fallback']}" for t in written.tensors if "fallback" in t]
+        report["gguf"] = {"tensors": written.tensors, "types": types, "fallbacks": fallbacks}
+        report.setdefault("notes", []).extend(fallbacks)
+        artifact.write_model_card(tmp, {"name": name, "source": Path(req.model).name if Path(req.model).exists()
+                                        else req.model, "settings": settings,
+                                        "skipped": [s["module"] for s in report["skipped"]],
+                                        "metrics": _card_metrics(metrics), "loader": "gguf"})
+        (tmp / "README.md").rename(tmp / (req.out.name + ".md"))
+    report["files"] = [req.out.name, req.out.name + ".md"]
 
 
 def _card_metrics(metrics: dict[str, dict]) -> list[dict]:

@@ -65,8 +65,9 @@ def _quantize(
     ignore: list[str] = typer.Option([], "--ignore", help="Regex of modules to leave in full precision (repeatable)."),
     override: list[str] = typer.Option([], "--override", help="REGEX=BITS[:GROUP][:sym|asym] or REGEX=skip (repeatable)."),
     include_lm_head: bool = typer.Option(False, "--include-lm-head", help="Quantize lm_head too (calibration-free methods)."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="Output format: compressed-tensors (integer methods' default), gptq, awq, or bnb (nf4/fp4 default)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Output format: compressed-tensors (integer methods' default), gptq, awq, gguf (one file), or bnb (nf4/fp4 default)."),
+    gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="With --format gguf: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K_S, Q4_K_M (Q4_K), Q5_K_S, Q5_K_M (Q5_K), Q6_K, F16, BF16 or F32, as llama-quantize names them (default: from --bits and --sym/--asym). Calibrated methods write Q8_0, Q4_0 or Q4_1 with their grid stored exactly."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (a FILE.gguf for --format gguf)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder (and any unfinished run)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
@@ -92,7 +93,7 @@ def _quantize(
 
     if recipe is not None:
         given = {"model": model, "method": method, "ignore": ignore, "override": override,
-                 "include_lm_head": include_lm_head, "fmt": fmt, "max_shard_size": max_shard_size, "calib": calib,
+                 "include_lm_head": include_lm_head, "fmt": fmt, "gguf_type": gguf_type, "max_shard_size": max_shard_size, "calib": calib,
                  "calib_samples": calib_samples, "calib_seq_len": calib_seq_len, "seed": seed,
                  "text_field": text_field, "eval_dataset": eval_dataset, "eval_max_windows": eval_max_windows,
                  "allow_pickle": allow_pickle, "allow_non_finite": allow_non_finite}
@@ -101,6 +102,15 @@ def _quantize(
         if model is None:
             raise InfoptError("give MODEL (a folder or hub id) or --recipe FILE")
         method = method or "rtn"
+        if gguf_type is not None and fmt == "gguf" and get_method(method).calibrated:
+            from infopt.formats.gguf import grid_spec, resolve_file_type
+
+            file_type = resolve_file_type(gguf_type)
+            grid = grid_spec(file_type, -1)
+            method_options = {**method_options}
+            for key, value in (("bits", grid.bits), ("symmetric", grid.symmetric)):
+                if key in method_options and method_options[key] is None:
+                    method_options[key] = value  # the file type sets the grid unless given explicitly
         config = method_config(method, method_options)
         calib_given = {"--calib": calib, "--calib-samples": calib_samples, "--calib-seq-len": calib_seq_len,
                        "--seed": seed, "--text-field": text_field, "--resume": resume or None}
@@ -119,7 +129,8 @@ def _quantize(
         if eval_max_windows is not None and eval_dataset is None:
             raise InfoptError("--eval-max-windows needs --eval")
         evaluation = EvaluationSpec(datasets=(eval_dataset,), max_windows=eval_max_windows) if eval_dataset else None
-        req = QuantizeRequest(model=model, out=out, method=method, config=config, fmt=fmt, ignore=list(ignore),
+        req = QuantizeRequest(model=model, out=out, method=method, config=config, fmt=fmt, gguf_type=gguf_type,
+                              ignore=list(ignore),
                               overrides=list(override), include_lm_head=include_lm_head, force=force, dry_run=dry_run,
                               max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle,
                               calibration=calibration, evaluation=evaluation, resume=resume,
@@ -150,12 +161,14 @@ def _recipe_request(recipe: Path, out: Optional[Path], force: bool, dry_run: boo
     from infopt.release.recipe import artifact_request, load_recipe
 
     defaults = {"model": None, "method": None, "ignore": [], "override": [], "include_lm_head": False, "fmt": None,
+                "gguf_type": None,
                 "max_shard_size": "5GB", "calib": None, "calib_samples": None, "calib_seq_len": None, "seed": None,
                 "text_field": None, "eval_dataset": None, "eval_max_windows": None, "allow_pickle": False,
                 "allow_non_finite": False}
     from infopt.cli.method_options import FLAGS
 
-    names = {"model": "MODEL", "fmt": "--format", "override": "--override", "eval_dataset": "--eval"}
+    names = {"model": "MODEL", "fmt": "--format", "override": "--override", "eval_dataset": "--eval",
+             "gguf_type": "--gguf-type"}
     clashing = [names.get(n, "--" + n.replace("_", "-")) for n, default in defaults.items() if given[n] != default]
     clashing += [FLAGS[n].flag.split("/")[0] for n, value in method_options.items() if value is not None]
     if clashing:

@@ -49,7 +49,10 @@ def write_model_card(dst: Path, info: dict) -> None:
         lines += [f"| {key} | {value} |" for key, value in row.items() if key != "dataset"]
     if info.get("recipe"):
         lines += ["", f"Made by the recipe in `{RECIPE}`: `infopt quantize --recipe {RECIPE} --out DIR` makes it again."]
-    lines += ["", "Load with `transformers` (needs `compressed-tensors`) or `infopt eval` / `infopt run`.", ""]
+    if info.get("loader") == "gguf":
+        lines += ["", "Load with llama.cpp (`llama-cli -m FILE`), llama-cpp-python or `infopt eval` / `infopt run`.", ""]
+    else:
+        lines += ["", "Load with `transformers` (needs `compressed-tensors`) or `infopt eval` / `infopt run`.", ""]
     (dst / "README.md").write_text("\n".join(lines))
 
 

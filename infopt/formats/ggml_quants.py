@@ -49,6 +49,10 @@ BY_ID = {t.id: t for t in TYPES.values()}
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
+def ggml_float_dtypes() -> dict[str, torch.dtype]:
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 def row_bytes(type_name: str, columns: int) -> int:
     t = TYPES[type_name]
     if columns % t.block:
@@ -286,10 +290,12 @@ def _symmetric_search(x: torch.Tensor, w: torch.Tensor, nmax: int, steps: int = 
     return best_scale
 
 
-def _affine_search(x: torch.Tensor, w: torch.Tensor, nmax: int, steps: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best (scale, min) per block for x = scale * q - min, q in [0, nmax], min >= 0 (the K-quant grids store a
-    non-negative min), by weighted least squares over candidate roundings."""
-    lo = x.min(dim=1, keepdim=True).values.clamp_max(0)
+def _affine_search(x: torch.Tensor, w: torch.Tensor, nmax: int, steps: int = 20,
+                   nonnegative_min: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best (scale, min) per block for x = scale * q - min, q in [0, nmax], by weighted least squares over candidate
+    roundings. The K-quant grids store a non-negative min (nonnegative_min); Q4_1/Q5_1 store any."""
+    lo = x.min(dim=1, keepdim=True).values
+    lo = lo.clamp_max(0) if nonnegative_min else lo
     hi = x.max(dim=1, keepdim=True).values
     span = (hi - lo).clamp_min(1e-30)
     best_scale, best_min = span / nmax, -lo
@@ -304,8 +310,10 @@ def _affine_search(x: torch.Tensor, w: torch.Tensor, nmax: int, steps: int = 20)
         det = sw * sqq - sq * sq
         scale = torch.where(det > 0, (sw * sqx - sq * sx) / det.clamp_min(1e-30), best_scale)
         offset = torch.where(det > 0, (sqq * sx - sq * sqx) / det.clamp_min(1e-30), lo)
-        offset = offset.clamp_max(0)  # the stored min is non-negative: x = scale q - min, min = -offset
-        scale = torch.where(offset == 0, sqx / sqq.clamp_min(1e-30), scale).clamp_min(0)
+        if nonnegative_min:  # x = scale q - min with min = -offset >= 0
+            offset = offset.clamp_max(0)
+            scale = torch.where(offset == 0, sqx / sqq.clamp_min(1e-30), scale)
+        scale = scale.clamp_min(0)
         err = (w * (scale * q + offset - x).pow(2)).sum(dim=1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -326,12 +334,9 @@ def quantize(type_name: str, weight: torch.Tensor, imatrix: torch.Tensor | None 
     """A float [rows, cols] tensor -> [rows, bytes per row] uint8 in `type_name` (round to nearest on a searched
     grid). imatrix: float [cols], the mean of x^2 per input column over calibration text."""
     x = weight.to(torch.float32)
+    if type_name in ggml_float_dtypes():
+        return x.to(ggml_float_dtypes()[type_name]).contiguous().view(torch.uint8).reshape(*x.shape[:-1], -1)
     rows, cols = x.shape
-    if type_name == "F32":
-        return x.contiguous().view(torch.uint8).reshape(rows, -1)
-    if type_name in ("F16", "BF16"):
-        dtype = torch.float16 if type_name == "F16" else torch.bfloat16
-        return x.to(dtype).contiguous().view(torch.uint8).reshape(rows, -1)
     t = TYPES[type_name]
     row_bytes(type_name, cols)
     if imatrix is not None and imatrix.numel() != cols:
@@ -352,9 +357,9 @@ def quantize(type_name: str, weight: torch.Tensor, imatrix: torch.Tensor | None 
     if type_name in ("Q4_1", "Q5_1"):
         blocks = _blocks(x, QK)
         nmax = 15 if type_name == "Q4_1" else 31
-        lo = blocks.min(dim=1, keepdim=True).values.to(torch.float16).to(torch.float32)
-        hi = blocks.max(dim=1, keepdim=True).values
-        d = ((hi - lo) / nmax).to(torch.float16).to(torch.float32)
+        scale, minimum = _affine_search(blocks, _with_imatrix(blocks, imatrix, QK), nmax, nonnegative_min=False)
+        d = scale.to(torch.float16).to(torch.float32)
+        lo = (-minimum).to(torch.float16).to(torch.float32)
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
         q = torch.clamp(round_half_away((blocks - lo) * inv), 0, nmax)
         pack = pack_q4_1 if type_name == "Q4_1" else pack_q5_1

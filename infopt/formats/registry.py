@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from infopt.errors import InfoptError
-from infopt.formats import awq, bnb, compressed_tensors, gptq
+from infopt.formats import awq, bnb, compressed_tensors, gguf, gptq
 from infopt.quant.weights import QuantizedWeight
 
 _READERS = {
@@ -15,6 +15,7 @@ _READERS = {
     gptq.QUANT_METHOD: gptq.read_quantized,
     bnb.QUANT_METHOD: bnb.read_quantized,
     awq.QUANT_METHOD: awq.read_quantized,
+    gguf.QUANT_METHOD: gguf.read_quantized,
 }
 
 

@@ -37,6 +37,7 @@ class OutputFormat:
     side_files: Callable[[Path, dict], object] = lambda out_dir, qconfig: None
     uniform_spec: bool = False  # one bits/group/sym for the whole model
     decoder_layers_only: bool = False  # cannot store a quantized lm_head
+    single_file: bool = False  # one file, not a folder (GGUF: the workflow hands it to gguf.write_model)
 
 
 def _ct_config(specs: dict, dense: list[str], record: MethodRecord) -> dict:
@@ -64,6 +65,14 @@ def _bnb_config(specs: dict, dense: list[str], record: MethodRecord) -> dict:
     return bnb.quantization_config(record.quant_type, record.double_quant, record.compute_dtype, torch.uint8, dense)
 
 
+def _gguf_packable(shape: tuple[int, int], spec: QuantSpec) -> str | None:
+    return None if shape[1] % 32 == 0 else f"{shape[1]} input columns do not split into GGUF blocks of 32"
+
+
+def _single_file(*args):  # pragma: no cover - single-file formats never reach the folder writer
+    raise InfoptError("a single-file format has no folder writer")
+
+
 FORMATS: dict[str, OutputFormat] = {
     "compressed-tensors": OutputFormat("compressed-tensors", INTEGER, Storage(), lambda shape, spec: None,
                                        compressed_tensors.write_weights, _ct_config),
@@ -74,6 +83,9 @@ FORMATS: dict[str, OutputFormat] = {
     "awq": OutputFormat("awq", INTEGER, Storage(torch.float16), awq.packable, awq.write_weights, _awq_config,
                         uniform_spec=True, decoder_layers_only=True),
     "bnb": OutputFormat("bnb", FOUR_BIT, Storage(), lambda shape, spec: None, bnb.write_weights, _bnb_config),
+    # llama.cpp: fp16 block scales; a row must split into blocks of 32
+    "gguf": OutputFormat("gguf", INTEGER, Storage(torch.float16), _gguf_packable, _single_file, _single_file,
+                         decoder_layers_only=True, single_file=True),
 }
 
 

@@ -22,6 +22,26 @@ class ScaleGroup:
 
 
 @dataclass(frozen=True)
+class GGUFLayout:
+    """How llama.cpp names and lays out the architecture (its convert_hf_to_gguf.py and llama-arch.cpp)."""
+
+    arch: str  # general.architecture
+    # per layer: module or tensor (relative to the layer) -> name under blk.N (".weight"/".bias" follow modules)
+    names: tuple[tuple[str, str], ...]
+    # llama.cpp's llama graph rotates adjacent pairs, Hugging Face's Llama rotates halves: q and k rows are
+    # reordered per head on the way into GGUF (convert_hf_to_gguf.py, LlamaModel.permute)
+    permute_qk: bool = False
+
+
+_GGUF_LLAMA_NAMES = (
+    ("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"), ("post_attention_layernorm", "ffn_norm"),
+    ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down"),
+)
+_GGUF_QWEN3_NAMES = _GGUF_LLAMA_NAMES + (("self_attn.q_norm", "attn_q_norm"), ("self_attn.k_norm", "attn_k_norm"))
+
+
+@dataclass(frozen=True)
 class Adapter:
     name: str
     layers: str  # dotted path of the decoder-layer list
@@ -35,6 +55,7 @@ class Adapter:
     attention_out: str = "self_attn.o_proj"
     # linears whose inputs cannot take a folded scale, with the reason (reported, never silent)
     unscalable: tuple[tuple[str, str], ...] = ()
+    gguf: GGUFLayout | None = None  # None: no GGUF export yet
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -84,10 +105,10 @@ def _llama_like(name: str, **extra) -> Adapter:
 
 
 ADAPTERS: dict[str, Adapter] = {
-    "llama": _llama_like("llama"),
-    "mistral": _llama_like("mistral"),
-    "qwen2": _llama_like("qwen2"),
-    "qwen3": _llama_like("qwen3"),
+    "llama": _llama_like("llama", gguf=GGUFLayout("llama", _GGUF_LLAMA_NAMES, permute_qk=True)),
+    "mistral": _llama_like("mistral", gguf=GGUFLayout("llama", _GGUF_LLAMA_NAMES, permute_qk=True)),
+    "qwen2": _llama_like("qwen2", gguf=GGUFLayout("qwen2", _GGUF_LLAMA_NAMES)),
+    "qwen3": _llama_like("qwen3", gguf=GGUFLayout("qwen3", _GGUF_QWEN3_NAMES)),
     "gemma": _llama_like("gemma", norm_offset=1.0),
     "gemma2": Adapter("gemma2", "model.layers", _LLAMA_LIKE, scale_groups=_GEMMA2_SCALES, norm_offset=1.0),
     "phi3": Adapter("phi3", "model.layers", _PHI3, scale_groups=_PHI3_SCALES, unscalable=_PHI3_FUSED),

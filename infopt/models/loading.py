@@ -14,6 +14,7 @@ import torch
 
 from infopt.errors import InfoptError
 from infopt.formats import registry
+from infopt.formats.gguf_container import is_gguf
 from infopt.formats.safetensors_io import check_safetensors, weight_files
 from infopt.validate import check_known_architecture, check_model_config
 
@@ -82,6 +83,11 @@ def locate(spec: str, config_only: bool = False, allow_pickle: bool = False) -> 
 def open_model(spec: str, allow_pickle: bool = False) -> ModelDir:
     """Resolve and validate a model folder: config.json present, weights safe and intact."""
     path = locate(spec, allow_pickle=allow_pickle)
+    if path.is_file() and is_gguf(path):
+        from infopt.formats.gguf import model_config
+
+        config = check_model_config(model_config(path), str(path))
+        return ModelDir(path, config, [path])
     if not path.is_dir():
         raise InfoptError(f"{path} is not a model directory (expected a folder with config.json)")
     if not (path / "config.json").is_file():
@@ -107,31 +113,39 @@ def open_model(spec: str, allow_pickle: bool = False) -> ModelDir:
     return model
 
 
-def check_weights_match_architecture(model: ModelDir) -> None:
-    """Every tensor the architecture has is in the files with its shape, and nothing else is (the model is built by
-    transformers on the meta device: no memory). Full-precision checkpoints only; each format's reader checks its
-    own packed tensors."""
+def architecture_shapes(config: dict) -> tuple[dict[str, tuple[int, ...]], bool, list[str]]:
+    """Every tensor name and shape the architecture has, whether lm_head is tied to the embedding, and the name
+    patterns transformers ignores on load (the model is built on the meta device: no memory)."""
     from transformers import AutoModelForCausalLM
 
-    if model.quant_method or model.config.get("auto_map"):
-        return
-    hf_config = hf_config_from_dict(model.config)
+    hf_config = hf_config_from_dict(config)
     try:
         with torch.device("meta"), quiet_transformers():
             lm = AutoModelForCausalLM.from_config(hf_config)
         expected = {k: tuple(v.shape) for k, v in lm.state_dict().items()}
     except Exception as exc:  # the config passed transformers' validators but the model cannot be built from it
-        raise InfoptError(f"{model.path}: transformers cannot build a model from config.json: {_first_line(exc)}") from None
+        raise InfoptError(f"transformers cannot build a model from the config: {_first_line(exc)}") from None
+    ignored = list(getattr(lm, "_keys_to_ignore_on_load_unexpected", None) or [])
+    return expected, bool(getattr(hf_config, "tie_word_embeddings", False)), ignored
+
+
+def check_weights_match_architecture(model: ModelDir) -> None:
+    """Every tensor the architecture has is in the files with its shape, and nothing else is. Full-precision
+    checkpoints only; each format's reader checks its own packed tensors."""
+    if model.quant_method or model.config.get("auto_map"):
+        return
+    try:
+        expected, tied, ignore = architecture_shapes(model.config)
+    except InfoptError as exc:
+        raise InfoptError(f"{model.path}: {exc}".replace("the config:", "config.json:")) from None
     if model.pickle:
         found = {k: tuple(v.shape) for k, v in load_state_dict(model).items()}
     else:
         found = {}
         for file in model.files:
             found.update({k: tuple(v["shape"]) for k, v in check_safetensors(file).items() if k != "__metadata__"})
-    tied = getattr(hf_config, "tie_word_embeddings", False)
     missing = sorted(k for k in expected if k not in found and not (tied and k == "lm_head.weight"))
-    ignored = [re.compile(p) for p in (getattr(lm, "_keys_to_ignore_on_load_unexpected", None) or [])]
-    ignored.append(re.compile(r"rotary_emb\.inv_freq$"))  # persisted by older transformers, recomputed now
+    ignored = [re.compile(p) for p in ignore] + [re.compile(r"rotary_emb\.inv_freq$")]  # persisted by older transformers, recomputed now
     unexpected = sorted(k for k in found if k not in expected and not any(p.search(k) for p in ignored))
     wrong = sorted(k for k in expected if k in found and found[k] != expected[k])
     if missing or unexpected or wrong:
@@ -290,6 +304,11 @@ def parse_dtype(name: str) -> torch.dtype:
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    if path.is_file() and is_gguf(path):
+        from infopt.formats.gguf_container import read_header
+        from infopt.formats.gguf_vocab import tokenizer_from_metadata
+
+        return tokenizer_from_metadata(read_header(path).metadata, path)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)

@@ -1,0 +1,317 @@
+"""The GGUF container: a header of typed key/value metadata and tensor descriptions, then aligned tensor data.
+
+Layout (ggml's `gguf.h` and docs/gguf.md, version 3, little-endian): magic "GGUF", u32 version, u64 tensor count,
+u64 key/value count; each key a string (u64 length + UTF-8 bytes), a u32 value type and the value; each tensor its
+name, u32 dimension count, u64 sizes innermost first, u32 ggml type and u64 offset into the data section, which
+starts at the next multiple of `general.alignment` (32 by default). Every field read is checked against the file
+before it is used: sizes, counts, types, offsets, overlaps.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+from infopt.errors import InfoptError
+from infopt.formats.ggml_quants import BY_ID, TYPES
+
+MAGIC = b"GGUF"
+VERSION = 3
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4
+MAX_STRING = 64 << 20  # one metadata string (a chat template, an embedded tokenizer.json) is at most 64 MiB
+
+
+class ValueType(IntEnum):
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+_SCALAR = {ValueType.UINT8: "<B", ValueType.INT8: "<b", ValueType.UINT16: "<H", ValueType.INT16: "<h",
+           ValueType.UINT32: "<I", ValueType.INT32: "<i", ValueType.FLOAT32: "<f", ValueType.BOOL: "<?",
+           ValueType.UINT64: "<Q", ValueType.INT64: "<q", ValueType.FLOAT64: "<d"}
+_NUMPY = {ValueType.UINT8: "<u1", ValueType.INT8: "<i1", ValueType.UINT16: "<u2", ValueType.INT16: "<i2",
+          ValueType.UINT32: "<u4", ValueType.INT32: "<i4", ValueType.FLOAT32: "<f4", ValueType.UINT64: "<u8",
+          ValueType.INT64: "<i8", ValueType.FLOAT64: "<f8"}
+
+
+@dataclass(frozen=True)
+class Typed:
+    """A metadata value with its GGUF type (arrays: `element` is the element type)."""
+
+    type: ValueType
+    value: Any
+    element: ValueType | None = None
+
+
+def u32(v: int) -> Typed:
+    return Typed(ValueType.UINT32, int(v))
+
+
+def f32(v: float) -> Typed:
+    return Typed(ValueType.FLOAT32, float(v))
+
+
+def string(v: str) -> Typed:
+    return Typed(ValueType.STRING, str(v))
+
+
+def boolean(v: bool) -> Typed:
+    return Typed(ValueType.BOOL, bool(v))
+
+
+def array(element: ValueType, values) -> Typed:
+    return Typed(ValueType.ARRAY, list(values), element)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order: outermost first ([rows, cols] for a matrix)
+    type: str  # ggml type name
+    offset: int  # from the start of the data section
+    nbytes: int
+
+
+# --- writing -------------------------------------------------------------------------------------------------
+
+
+def _string_bytes(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _value_bytes(value: Typed) -> bytes:
+    if value.type == ValueType.STRING:
+        return _string_bytes(value.value)
+    if value.type == ValueType.ARRAY:
+        element = value.element
+        head = struct.pack("<IQ", int(element), len(value.value))
+        if element == ValueType.STRING:
+            return head + b"".join(_string_bytes(v) for v in value.value)
+        if element == ValueType.BOOL:
+            return head + bytes(bool(v) for v in value.value)
+        return head + np.asarray(value.value, dtype=_NUMPY[element]).tobytes()
+    return struct.pack(_SCALAR[value.type], value.value)
+
+
+class GGUFWriter:
+    """Streams tensors into a staging file beside the target, then writes header + data in one pass on close.
+    Peak memory is one tensor."""
+
+    def __init__(self, path: Path, alignment: int = DEFAULT_ALIGNMENT):
+        self.path = path
+        self.alignment = alignment
+        self.metadata: dict[str, Typed] = {}
+        self.tensors: list[TensorInfo] = []
+        self._staging_path = path.with_name(path.name + ".data")
+        self._staging: BinaryIO = open(self._staging_path, "wb")
+        self._names: set[str] = set()
+
+    def add(self, key: str, value: Typed) -> None:
+        self.metadata[key] = value
+
+    def add_tensor(self, name: str, shape: tuple[int, ...], type_name: str, data: torch.Tensor) -> None:
+        if name in self._names:
+            raise InfoptError(f"GGUF tensor {name} written twice")
+        self._names.add(name)
+        raw = data.contiguous().view(torch.uint8).numpy().tobytes()
+        offset = self._staging.tell()
+        self._staging.write(raw)
+        self._staging.write(b"\0" * (-len(raw) % self.alignment))
+        self.tensors.append(TensorInfo(name, tuple(int(s) for s in shape), type_name, offset, len(raw)))
+
+    def close(self) -> None:
+        self._staging.close()
+        if self.alignment != DEFAULT_ALIGNMENT:
+            self.metadata["general.alignment"] = u32(self.alignment)
+        header = bytearray(MAGIC + struct.pack("<IQQ", VERSION, len(self.tensors), len(self.metadata)))
+        for key, value in self.metadata.items():
+            header += _string_bytes(key) + struct.pack("<I", int(value.type)) + _value_bytes(value)
+        for info in self.tensors:
+            dims = tuple(reversed(info.shape))  # GGUF lists the innermost dimension first
+            header += _string_bytes(info.name) + struct.pack(f"<I{len(dims)}Q", len(dims), *dims)
+            header += struct.pack("<IQ", TYPES[info.type].id, info.offset)
+        header += b"\0" * (-len(header) % self.alignment)
+        with open(self.path, "wb") as out, open(self._staging_path, "rb") as data:
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        self._staging_path.unlink()
+
+    def abort(self) -> None:
+        self._staging.close()
+        self._staging_path.unlink(missing_ok=True)
+
+
+# --- reading -------------------------------------------------------------------------------------------------
+
+
+class _Cursor:
+    def __init__(self, data: memoryview, path: Path):
+        self.data, self.pos, self.path = data, 0, path
+
+    def fail(self, what: str) -> InfoptError:
+        return InfoptError(f"{self.path}: not a valid GGUF file ({what} at byte {self.pos})")
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.data):
+            raise self.fail(f"{n} bytes needed, the file ends")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def unpack(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self, limit: int = MAX_STRING) -> str:
+        n = self.unpack("<Q")
+        if n > limit or n > len(self.data) - self.pos:
+            raise self.fail(f"a string of {n} bytes")
+        try:
+            return bytes(self.take(n)).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail("a string that is not UTF-8") from None
+
+    def value(self, type_id: int, depth: int = 0):
+        try:
+            vtype = ValueType(type_id)
+        except ValueError:
+            raise self.fail(f"unknown value type {type_id}") from None
+        if vtype == ValueType.STRING:
+            return self.string()
+        if vtype == ValueType.ARRAY:
+            element, count = self.unpack("<I"), self.unpack("<Q")
+            if depth > 0:
+                raise self.fail("an array nested in an array")
+            try:
+                etype = ValueType(element)
+            except ValueError:
+                raise self.fail(f"unknown array element type {element}") from None
+            if etype in _NUMPY:
+                width = np.dtype(_NUMPY[etype]).itemsize
+                if count > (len(self.data) - self.pos) // width:
+                    raise self.fail(f"an array of {count} values")
+                return np.frombuffer(self.take(count * width), dtype=_NUMPY[etype]).tolist()
+            if count > (len(self.data) - self.pos) // (1 if etype == ValueType.BOOL else 8):
+                raise self.fail(f"an array of {count} values")
+            return [self.value(element, depth + 1) for _ in range(count)]
+        if vtype == ValueType.BOOL:
+            raw = self.unpack("<B")
+            if raw > 1:
+                raise self.fail(f"a boolean of value {raw}")
+            return bool(raw)
+        return self.unpack(_SCALAR[vtype])
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    data_offset: int
+
+    def tensor_bytes(self, info: TensorInfo) -> torch.Tensor:
+        """The raw bytes of one tensor (uint8)."""
+        with open(self.path, "rb") as handle:
+            handle.seek(self.data_offset + info.offset)
+            raw = handle.read(info.nbytes)
+        if len(raw) != info.nbytes:
+            raise InfoptError(f"{self.path}: tensor {info.name} is cut short (the file changed while read)")
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def read_header(path: Path) -> GGUFFile:
+    """Parse and check a GGUF file's header; tensor data is read later, on demand."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+            if head != MAGIC:
+                raise InfoptError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
+            mapped = np.memmap(path, dtype=np.uint8, mode="r") if size else None
+    except OSError as exc:
+        raise InfoptError(f"cannot read {path}: {exc.strerror}") from None
+    cursor = _Cursor(memoryview(mapped), path)
+    cursor.take(4)
+    version = cursor.unpack("<I")
+    if version not in (2, 3):
+        raise cursor.fail(f"version {version} (readable: 2 and 3)")
+    n_tensors, n_kv = cursor.unpack("<Q"), cursor.unpack("<Q")
+    if n_tensors > size // 32 or n_kv > size // 12:
+        raise cursor.fail(f"{n_tensors} tensors and {n_kv} keys in {size} bytes")
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cursor.string(limit=65535)
+        if key in metadata:
+            raise cursor.fail(f"key {key[:60]!r} given twice")
+        metadata[key] = cursor.value(cursor.unpack("<I"))
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1 or alignment > 1 << 16 \
+            or alignment & (alignment - 1):
+        raise cursor.fail(f"general.alignment {alignment!r} (a power of two up to 65536)")
+    raw_infos = []
+    for _ in range(n_tensors):
+        name = cursor.string(limit=65535)
+        n_dims = cursor.unpack("<I")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise cursor.fail(f"tensor {name[:60]!r} with {n_dims} dimensions")
+        dims = [cursor.unpack("<Q") for _ in range(n_dims)]
+        type_id, offset = cursor.unpack("<I"), cursor.unpack("<Q")
+        raw_infos.append((name, dims, type_id, offset))
+    data_offset = cursor.pos + (-cursor.pos % alignment)
+    tensors: dict[str, TensorInfo] = {}
+    for name, dims, type_id, offset in raw_infos:
+        if name in tensors:
+            raise InfoptError(f"{path}: tensor {name[:60]!r} is listed twice")
+        if type_id not in BY_ID:
+            raise InfoptError(f"{path}: tensor {name[:60]!r} has ggml type {type_id}, which infopt does not read "
+                              f"(readable: {', '.join(TYPES)})")
+        t = BY_ID[type_id]
+        count = 1
+        for d in dims:
+            if d < 1 or d > 1 << 40:
+                raise InfoptError(f"{path}: tensor {name[:60]!r} has a dimension of {d}")
+            count *= d
+        if count > size * 8 or dims[0] % t.block:
+            raise InfoptError(f"{path}: tensor {name[:60]!r} of shape {dims} does not fit type {t.name}")
+        nbytes = count // t.block * t.nbytes
+        if offset % alignment or data_offset + offset + nbytes > size:
+            raise InfoptError(f"{path}: tensor {name[:60]!r} lies outside the file or off its alignment "
+                              f"(offset {offset}, {nbytes} bytes, file {size} bytes)")
+        tensors[name] = TensorInfo(name, tuple(reversed(dims)), t.name, offset, nbytes)
+    spans = sorted((i.offset, i.offset + i.nbytes, i.name) for i in tensors.values())
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise InfoptError(f"{path}: tensors {first[:60]!r} and {second[:60]!r} overlap")
+    del cursor, mapped
+    return GGUFFile(path, version, metadata, tensors, data_offset)
+
+
+def is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == MAGIC
+    except OSError:
+        return False

@@ -7,10 +7,15 @@ STAMP := $(VENV)/.infopt-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export GPTQMODEL_CPU_WORKERS ?= 2
+# llama.cpp for the GGUF tests: llama-cpp-python is an sdist whose build takes ~7-15 min on 2 cores, so its wheel
+# is built once per machine into a cache outside the repo and installed from there afterwards
+LLAMA_CPP_VERSION := 0.3.36
+WHEELS ?= $(HOME)/.cache/infopt/wheels
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)
 
 .PHONY: install demo test bench fuzz clean
 
-install: $(STAMP)
+install: $(STAMP) $(LLAMA_CPP_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +24,15 @@ $(STAMP): pyproject.toml
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test]'  # no setuptools banners
 	touch $(STAMP)
 
-demo: install
+$(LLAMA_CPP_STAMP): $(STAMP)
+	mkdir -p $(WHEELS)
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip wheel --quiet --no-deps \
+	    llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(WHEELS)
+	$(BIN)/python -m pip install --quiet $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+	touch $(LLAMA_CPP_STAMP)
+
+demo: $(STAMP)
 	$(BIN)/infopt demo
 
 test: install

@@ -29,7 +29,8 @@ TITLES = {"foundation": "RTN and packing (foundation)", "gptq": "GPTQ, AWQ, NF4/
           "speculative": "Speculative decoding",
           "gpu": "GPU (Triton kernels, CUDA runtime, `--device cuda` quantization)",
           "memory": "Peak memory of the calibrated methods",
-          "reliability": "Reliability: malformed inputs and faults"}
+          "reliability": "Reliability: malformed inputs and faults",
+          "gguf": "GGUF next to llama.cpp's own quantizer"}
 BY_HAND = {"gpu": "written by hand from benchmarks/gpu_check.py and benchmarks/gpu_session.py on a CUDA machine"}
 
 
@@ -68,6 +69,11 @@ def run_section(name: str, work: Path, repeats: int) -> list[str]:
         from train_bench_model import ensure_bench_model
 
         return bench_gptq.section(ensure_bench_model(THREADS), _stories(work), work, THREADS)
+    if name == "gguf":
+        import bench_gguf
+        from train_bench_model import ensure_bench_model
+
+        return bench_gguf.section(_stories(work), ensure_bench_model(THREADS), work, THREADS)
     if name == "kernels":
         import bench_kernels
 

@@ -54,6 +54,103 @@ def convert_llama2c(src: Path, tokenizer: Path | None, out: Path, force: bool = 
     return {"out": str(out), "params": params.__dict__}
 
 
+def convert_gguf(src: str, out: Path, *, gguf_type: str | None = None, force: bool = False, dry_run: bool = False,
+                 allow_pickle: bool = False) -> dict:
+    """Between GGUF and the folder formats: a checkpoint folder (full precision, compressed-tensors, GPTQ, AWQ)
+    -> FILE.gguf, with every quantized linear whose grid a ggml block holds written without re-rounding; a GGUF
+    file -> a Hugging Face folder of dequantized safetensors with its embedded tokenizer."""
+    from infopt.formats import gguf
+    from infopt.formats.registry import read_quantized
+
+    model = open_model(src, allow_pickle)
+    if model.quant_method == gguf.QUANT_METHOD:
+        if gguf_type is not None:
+            raise InfoptError("--gguf-type applies when writing GGUF; this converts a GGUF file to a folder")
+        return _gguf_to_folder(model, out, force, dry_run)
+    if not dry_run:
+        check_output_target(out, force)
+        if inputs_overlap(out, [model.path]):
+            raise InfoptError(f"--out {out} overlaps the source {model.path}; write somewhere else")
+    adapter = adapter_for(text_config(model.config))
+    if adapter.gguf is None:
+        raise InfoptError(f"GGUF export of {adapter.name} is not supported yet (supported: llama, mistral, qwen2, "
+                          "qwen3)")
+    if model.quant_method is None:
+        quantized: dict = {}
+
+        def items():
+            return _checked_tensors(model, False)
+    else:
+        quantized, dense = read_quantized(model.files, model.config)
+
+        def items():
+            yield from dense.items()
+            yield from quantized.items()
+    if gguf_type is None:
+        grids = [gguf._grid_type(w) for w in quantized.values()]
+        counts = {g: grids.count(g) for g in set(grids) if g is not None}
+        file_type = max(counts, key=counts.get) if counts else "F16"
+    else:
+        file_type = gguf.resolve_file_type(gguf_type)
+    rows = gguf.plan_model(items(), config=model.config, adapter=adapter, file_type=file_type)
+    report = {"source": src, "out": str(out), "direction": "to gguf", "gguf_type": file_type, "tensors": rows,
+              "exact": sum(r["how"] == "exact" for r in rows),
+              "quantized_linears": len(quantized), "dry_run": dry_run}
+    if dry_run:
+        return report
+    if out.suffix != ".gguf":
+        raise InfoptError(f"--out {out}: a GGUF output is one file, named *.gguf")
+    from infopt.paths import atomic_output_files
+
+    name = out.name.removesuffix(".gguf")
+    settings = {"converted from": model.quant_method or "full precision", "format": "gguf",
+                "gguf type": file_type, "stored exactly": f"{report['exact']} of {len(quantized)} quantized linears"}
+    with atomic_output_files(out, [out.name + ".md"], force) as tmp:
+        gguf.write_model(tmp / out.name, items(), config=model.config, adapter=adapter, tokenizer_dir=model.path,
+                         file_type=file_type, name=name, provenance=settings)
+        artifact.write_model_card(tmp, {"name": name, "source": Path(src).name if Path(src).exists() else src,
+                                        "settings": settings, "loader": "gguf"})
+        (tmp / "README.md").rename(tmp / (out.name + ".md"))
+    report["output_bytes"] = out.stat().st_size
+    return report
+
+
+def _gguf_to_folder(model: ModelDir, out: Path, force: bool, dry_run: bool) -> dict:
+    from infopt.formats.gguf_container import read_header
+    from infopt.formats.registry import read_dense_state_dict
+
+    header = read_header(model.path)
+    types: dict[str, int] = {}
+    for info in header.tensors.values():
+        types[info.type] = types.get(info.type, 0) + 1
+    report = {"source": str(model.path), "out": str(out), "direction": "to a Hugging Face folder",
+              "types": dict(sorted(types.items())), "dry_run": dry_run,
+              "note": "every tensor dequantized to float32 (exact values of the file's grid)"}
+    if dry_run:
+        return report
+    if inputs_overlap(out, [model.path]):
+        raise InfoptError(f"--out {out} overlaps the source {model.path}; write somewhere else")
+    raw_tokenizer = header.metadata.get("tokenizer.huggingface.json")
+    state = read_dense_state_dict(model.files, model.config)
+    with atomic_output_dir(out, force) as tmp:
+        writer = ShardedWriter(tmp, 5 * 10**9)
+        for name in sorted(state):
+            writer.add(name, state[name].contiguous())
+        report["files"] = writer.close()
+        config = {k: v for k, v in model.config.items() if k != "quantization_config"}
+        config["torch_dtype"] = "float32"
+        artifact.write_config(tmp, config)
+        if isinstance(raw_tokenizer, str):
+            (tmp / "tokenizer.json").write_text(raw_tokenizer)
+            tokenizer = load_tokenizer(model.path)
+            tokenizer.save_pretrained(str(tmp))
+        artifact.write_model_card(tmp, {"name": out.name, "source": model.path.name,
+                                        "settings": {"converted from": "gguf", "types": ", ".join(
+                                            f"{k} x{v}" for k, v in sorted(types.items()))}})
+        artifact.write_manifest(tmp)
+    return report
+
+
 def _linear_shapes(model: ModelDir, names: list[str]) -> dict[str, tuple[int, int]]:
     shapes: dict[str, tuple[int, int]] = {}
     if model.pickle:
@@ -320,8 +417,9 @@ def _check_request(req: QuantizeRequest) -> None:
         if req.calibration is None and req.windows is None:
             raise InfoptError(f"--method {req.method} needs calibration text: pass --calib (e.g. wikitext2)")
         resolve_device(req.config.device)
-    elif req.calibration is not None or req.resume:
-        raise InfoptError(f"--method {req.method} needs no calibration; drop --calib/--calib-*/--resume")
+    elif req.resume or (req.calibration is not None and req.format_name != "gguf"):
+        raise InfoptError(f"--method {req.method} needs no calibration; drop --calib/--calib-*/--resume"
+                          + (" (with --format gguf, --calib gives an importance matrix)" if not req.resume else ""))
     if req.gates is not None and req.evaluation is None:
         raise InfoptError("quality gates need an evaluation (datasets to measure on)")
 
@@ -344,6 +442,8 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     fmt = output_format(req.format_name, req.entry)
     _check_request(req)
     gguf_type = _gguf_file_type(req) if fmt.single_file else None
+    if gguf_type is not None and req.out is not None and req.out.suffix != ".gguf":
+        raise InfoptError(f"--out {req.out}: a GGUF output is one file, named *.gguf")
     if req.gguf_type is not None and not fmt.single_file:
         raise InfoptError("--gguf-type applies to --format gguf only")
     if req.out is not None and not req.dry_run:
@@ -378,6 +478,7 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     start = time.perf_counter()
     adapter = adapter_for(text_config(model.config))
     errors: dict[str, float] = {}
+    imatrix = None
     record = replace(req.config.record(req.method, fmt.storage), compute_dtype=_source_dtype(model))
     report["record"] = {k: str(v).removeprefix("torch.") if k == "compute_dtype" else v
                         for k, v in dataclasses.asdict(record).items()}
@@ -390,6 +491,14 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     elif gguf_type is not None:  # GGUF from full precision: the writer rounds each tensor to its mixture type
         work_dir = None
         report["error_metric"] = "relative weight MSE"
+        if req.calibration is not None:
+            from infopt.quant.imatrix import importance_matrix
+
+            windows = req.windows if req.windows is not None else calibration_set(req.calibration, model)
+            imatrix = importance_matrix(LayerStream(model, torch.float32, "cpu"), windows)
+            c = req.calibration
+            report["calibration"] = {"source": c.dataset, "samples": int(windows.shape[0]),
+                                     "seq_len": int(windows.shape[1]), "seed": c.seed, "use": "importance matrix"}
         items = _checked_tensors(model, req.allow_non_finite)
     else:
         work_dir = None
@@ -397,7 +506,7 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
         items = _streamed_items(req.entry.factory(req.config, fmt.storage, adapter), model, plan, errors, progress,
                                 req.allow_non_finite)
     if gguf_type is not None:
-        _write_gguf(req, model, adapter, gguf_type, items, report, progress)
+        _write_gguf(req, model, adapter, gguf_type, items, report, progress, imatrix)
         _finish_work_dir(work_dir)
         report.update({"out": str(req.out), "seconds": time.perf_counter() - start, "errors": errors,
                        "output_bytes": req.out.stat().st_size})
@@ -487,7 +596,7 @@ def _gguf_file_type(req: QuantizeRequest) -> str:
 
 
 def _write_gguf(req: QuantizeRequest, model: ModelDir, adapter, file_type: str, items, report: dict,
-                progress: Progress | None) -> None:
+                progress: Progress | None, imatrix: dict[str, torch.Tensor] | None = None) -> None:
     """One GGUF file and its model card (NAME.md beside it), each moved into place whole."""
     from infopt.formats import gguf
     from infopt.paths import atomic_output_files
@@ -495,12 +604,14 @@ def _write_gguf(req: QuantizeRequest, model: ModelDir, adapter, file_type: str, 
     settings = {"method": req.method, "format": "gguf", "gguf type": file_type, "scheme": report["spec"]}
     if "calibration" in report:
         c = report["calibration"]
-        settings["calibration"] = f"{c['source']}: {c['samples']} windows x {c['seq_len']} tokens, seed {c['seed']}"
+        settings["calibration"] = (f"{c['source']}: {c['samples']} windows x {c['seq_len']} tokens, seed {c['seed']}"
+                                   + (" (importance matrix)" if imatrix is not None else ""))
     name = req.name or req.out.name.removesuffix(".gguf")
     with atomic_output_files(req.out, [req.out.name + ".md"], req.force) as tmp:
         written = gguf.write_model(tmp / req.out.name, items, config=model.config, adapter=adapter,
                                    tokenizer_dir=model.path, file_type=file_type, name=name,
-                                   provenance={**settings, "options": config_values(req.config)})
+                                   provenance={**settings, "options": config_values(req.config)},
+                                   imatrix=imatrix)
         metrics = {}
         if req.evaluation is not None:
             session = req.eval_session or EvalSession(model)
@@ -519,7 +630,6 @@ def _write_gguf(req: QuantizeRequest, model: ModelDir, adapter, file_type: str, 
             settings["stored exactly"] = f"{exact} of {len(report['quantized'])} quantized linears"
         fallbacks = [f"{t['name']}: {t['fallback']}" for t in written.tensors if "fallback" in t]
         report["gguf"] = {"tensors": written.tensors, "types": types, "fallbacks": fallbacks}
-        report.setdefault("notes", []).extend(fallbacks)
         artifact.write_model_card(tmp, {"name": name, "source": Path(req.model).name if Path(req.model).exists()
                                         else req.model, "settings": settings,
                                         "skipped": [s["module"] for s in report["skipped"]],
@@ -605,7 +715,7 @@ def evaluate_checkpoint(model: str | ModelDir, dataset: str, baseline: str | Mod
                         text_field: str = "text", allow_pickle: bool = False,
                         progress: Progress | None = None, trust_remote_code: bool = False,
                         dtype: torch.dtype = torch.float32, engine: str = "transformers",
-                        kernels: str | None = None) -> dict:
+                        kernels: str | None = None, tokenizer: Path | None = None) -> dict:
     """Perplexity (and with a baseline KL and top-1 agreement). engine "transformers" dequantizes packed weights
     into transformers' model; "infopt" scores through infopt's runtime with the `kernels` backend (what `infopt
     run` computes: packed kernels, int8 activations with "ext-a8"); the baseline runs on the same engine."""
@@ -623,7 +733,9 @@ def evaluate_checkpoint(model: str | ModelDir, dataset: str, baseline: str | Mod
         load = lambda folder: _engine_scorer(folder, dtype, kernels)  # noqa: E731
     else:
         load = lambda folder: load_causal_lm(folder, dtype, trust_remote_code=trust_remote_code)  # noqa: E731
-    session = EvalSession(base_dir, load, model_dir.path, trust_remote_code)
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise InfoptError(f"--tokenizer {tokenizer}: no such folder")
+    session = EvalSession(base_dir, load, Path(tokenizer) if tokenizer else model_dir.path, trust_remote_code)
     report = session.score(model_dir, dataset, seq_len, stride, max_windows, text_field, progress)
     report["engine"] = engine
     if engine == "infopt":

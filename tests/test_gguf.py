@@ -357,3 +357,127 @@ def test_eval_and_run_read_gguf(stories_q8):
     done = run_cli("run", str(stories_q8), "--prompt", "Once upon a time", "--max-new-tokens", "12")
     assert done.returncode == 0, done.stderr
     assert "there was a little girl named Lily" in done.stdout
+
+
+def test_calibration_text_gives_rtn_an_importance_matrix(stories_hf, tmp_path):
+    """With --calib, the GGUF writer weights each value's rounding error by the mean x^2 of its input column (as
+    llama-imatrix + llama-quantize --imatrix do): the linears change, and on the calibration inputs the layer
+    outputs come out closer to the source's than without it."""
+    from infopt.models.loading import open_model
+    from infopt.models.streaming import LayerStream
+    from infopt.quant.imatrix import importance_matrix
+    from infopt.workflows import CalibrationData, calibration_set
+
+    src = copy_tokenizer(stories_hf, make_tiny_model("llama", tmp_path / "src", vocab_size=512, hidden_size=256,
+                                                    intermediate_size=512, num_hidden_layers=8))
+    calib = ["--calib", "tinystories", "--calib-samples", "8", "--calib-seq-len", "128"]
+    plain = _quantize(src, tmp_path / "plain.gguf", "--gguf-type", "Q4_0")
+    weighted = _quantize(src, tmp_path / "imatrix.gguf", "--gguf-type", "Q4_0", *calib)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(weighted)).tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q4_1" and types["blk.1.ffn_down.weight"] == "Q4_0"  # llama-quant rule
+    assert "importance matrix" in (tmp_path / "imatrix.gguf.md").read_text()
+    model = open_model(str(src))
+    windows = calibration_set(CalibrationData(dataset="tinystories", samples=8, seq_len=128), model)
+    imatrix = importance_matrix(LayerStream(model, torch.float32, "cpu"), windows)
+    assert set(imatrix) >= {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(8)}
+    from safetensors.torch import load_file
+
+    source = load_file(str(src / "model.safetensors"))
+
+    def output_error(path):
+        m = open_model(str(path))
+        quantized, dense = read_quantized(m.files, m.config["quantization_config"])
+        total = 0.0
+        for name, w in quantized.items():
+            if "ffn_down" in name or "down_proj" in name:
+                continue
+            diff = (w.dequantize() - source[name]).pow(2)
+            total += float((diff * imatrix[name]).sum())
+        return total
+
+    assert output_error(weighted) < output_error(plain)
+
+
+def test_convert_between_folders_and_gguf_without_rerounding_grids(stories_hf, tmp_path):
+    """compressed-tensors with fp16 scales -> GGUF: every quantized linear exact (dry-run says so first); the
+    file -> a Hugging Face folder whose weights are the file's exact values."""
+    src = copy_tokenizer(stories_hf, make_tiny_model("llama", tmp_path / "src", vocab_size=512, dtype=torch.float16))
+    ct = tmp_path / "ct"
+    done = run_cli("quantize", str(src), "--bits", "4", "--group-size", "32", "--out", str(ct))
+    assert done.returncode == 0, done.stderr
+    plan = run_cli("convert", "gguf", str(ct), "--out", str(tmp_path / "c.gguf"), "--dry-run", "--json")
+    assert plan.returncode == 0, plan.stderr
+    report = json.loads(plan.stdout)
+    assert report["gguf_type"] == "Q4_0" and report["exact"] == report["quantized_linears"] == 14
+    assert not (tmp_path / "c.gguf").exists()
+    done = run_cli("convert", "gguf", str(ct), "--out", str(tmp_path / "c.gguf"))
+    assert done.returncode == 0, done.stderr
+    from infopt.formats.registry import read_dense_state_dict, read_quantized as read_any
+    from infopt.models.loading import open_model
+
+    source, converted = open_model(str(ct)), open_model(str(tmp_path / "c.gguf"))
+    theirs, _ = read_any(source.files, source.config)
+    ours, _ = read_any(converted.files, converted.config)
+    for name, w in theirs.items():
+        assert ours[name].codes.equal(w.codes) and ours[name].scale.equal(w.scale.float()), name
+    back = tmp_path / "back"
+    done = run_cli("convert", "gguf", str(tmp_path / "c.gguf"), "--out", str(back))
+    assert done.returncode == 0, done.stderr
+    from infopt.models.loading import load_state_dict
+
+    folder = load_state_dict(open_model(str(back)))
+    expected = read_dense_state_dict(converted.files, converted.config)
+    assert folder.keys() == expected.keys() and all(folder[k].equal(expected[k]) for k in folder)
+    assert (back / "tokenizer.json").is_file()
+    assert np.array_equal(_our_logits(back, [1, 403, 407]), _our_logits(tmp_path / "c.gguf", [1, 403, 407]))
+
+
+def test_a_file_gguf_py_writes_reads_back_as_its_source(stories_hf, tmp_path):
+    """A GGUF from another writer (gguf-py's own GGUFWriter, as llama.cpp's converter uses it): no infopt keys, so
+    the config comes from llama.cpp's keys, and q/k rows come back out of llama.cpp's order."""
+    from safetensors.torch import load_file
+
+    from infopt.formats.gguf import _permute
+
+    src = copy_tokenizer(stories_hf, make_tiny_model("llama", tmp_path / "src", vocab_size=512))
+    config = json.loads((src / "config.json").read_text())
+    tensors = load_file(str(src / "model.safetensors"))
+    path = tmp_path / "foreign.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, tensor in tensors.items():
+        if name in names:
+            target = names[name]
+        else:
+            layer, rest = name.split(".")[2], ".".join(name.split(".")[3:]).removesuffix(".weight")
+            target = f"blk.{layer}.{parts[rest]}.weight"
+        if ".q_proj." in name:
+            tensor = _permute(tensor, config["num_attention_heads"])
+        if ".k_proj." in name:
+            tensor = _permute(tensor, config["num_key_value_heads"])
+        writer.add_tensor(target, tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tokens = [1, 403, 407, 261]
+    assert np.array_equal(_our_logits(path, tokens), _our_logits(src, tokens))
+    done = run_cli("eval", str(path), "--dataset", "tinystories", "--max-windows", "1")
+    assert done.returncode == 2 and "pass --tokenizer" in done.stderr
+    done = run_cli("eval", str(path), "--dataset", "tinystories", "--max-windows", "1", "--tokenizer", str(src),
+                   "--json")
+    assert done.returncode == 0, done.stderr
+    reference = run_cli("eval", str(src), "--dataset", "tinystories", "--max-windows", "1", "--json")
+    assert json.loads(done.stdout)["ppl"] == json.loads(reference.stdout)["ppl"]

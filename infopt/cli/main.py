@@ -37,6 +37,40 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
+@convert_app.command("gguf")
+def convert_gguf(
+    src: str = typer.Argument(..., help="A checkpoint folder (full precision, compressed-tensors, GPTQ, AWQ) or a "
+                              "FILE.gguf."),
+    out: Path = typer.Option(..., "--out", help="FILE.gguf, or a folder when SRC is GGUF."),
+    gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="Type of the tensors that are not already on "
+                                            "a grid a ggml block holds (default: the grid's type, F16 for a "
+                                            "full-precision source)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say, for each tensor, whether it converts exactly."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier infopt output."),
+    allow_pickle: bool = ALLOW_PICKLE,
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Convert between GGUF and the folder formats, without re-quantizing where the layout allows it."""
+    from infopt.workflows import convert_gguf as run
+
+    result = run(src, out, gguf_type=gguf_type, force=force, dry_run=dry_run, allow_pickle=allow_pickle)
+    if json_out:
+        print_json(result)
+        return
+    if "tensors" in result:
+        table = Table(title=f"{src} -> gguf {result['gguf_type']}")
+        for column in ("tensor", "type", "conversion"):
+            table.add_column(column)
+        for row in result["tensors"]:
+            table.add_row(row["name"], row["type"], row["how"] + (f" ({row['fallback']})" if "fallback" in row else ""))
+        out_console.print(table)
+        out_console.print(f"{result['exact']} of {result['quantized_linears']} quantized linears convert exactly")
+    else:
+        out_console.print(f"{src}: {', '.join(f'{k} x{v}' for k, v in result['types'].items())}; {result['note']}")
+    if not dry_run:
+        out_console.print(f"wrote {out}")
+
+
 @convert_app.command("llama2c")
 def convert_llama2c(
     src: Path = typer.Argument(..., help="llama2.c checkpoint (.bin, legacy or versioned format)."),
@@ -114,7 +148,8 @@ def _quantize(
         config = method_config(method, method_options)
         calib_given = {"--calib": calib, "--calib-samples": calib_samples, "--calib-seq-len": calib_seq_len,
                        "--seed": seed, "--text-field": text_field, "--resume": resume or None}
-        if not get_method(method).calibrated and any(v is not None for v in calib_given.values()):
+        importance = fmt == "gguf" and not resume  # --calib gives GGUF's RTN an importance matrix
+        if not get_method(method).calibrated and not importance and any(v is not None for v in calib_given.values()):
             given = ", ".join(k for k, v in calib_given.items() if v is not None)
             raise InfoptError(f"--method {method} needs no calibration; drop {given}")
         described = {k: v for k, v in calib_given.items() if k not in ("--calib", "--resume") and v is not None}
@@ -198,7 +233,24 @@ def _print_damp_notes(report: dict) -> None:
             warn(f"{module}: {info['dead_columns']} input columns never active in calibration (quantized as zero)")
 
 
+def _print_gguf(report: dict) -> None:
+    """A GGUF file's tensors by type (and how each got there): llama-quantize prints the same per tensor."""
+    table = Table(title=f"{report['method']} -> gguf {report['gguf_type']}  ({report['spec']})")
+    for column in ("type", "tensors", "how"):
+        table.add_column(column)
+    groups: dict[tuple[str, str], int] = {}
+    for t in report["gguf"]["tensors"]:
+        key = (t["type"], t["how"] + (f"; fallback: {t['fallback']}" if "fallback" in t else ""))
+        groups[key] = groups.get(key, 0) + 1
+    for (kind, how), count in sorted(groups.items()):
+        table.add_row(kind, str(count), how)
+    out_console.print(table)
+
+
 def _print_plan(report: dict) -> None:
+    if "gguf" in report:
+        _print_gguf(report)
+        return
     table = Table(title=f"{report['method']} -> {report['format']}  ({report['spec']})")
     for column in ("module", "shape", "scheme"):
         table.add_column(column)
@@ -344,6 +396,8 @@ def eval_(
     max_ppl_delta: Optional[float] = typer.Option(None, "--max-ppl-delta", help="Exit 1 when the relative perplexity increase exceeds this (needs --baseline)."),
     engine: str = typer.Option("transformers", "--engine", help="transformers (packed weights dequantized into its model) or infopt (the runtime's packed kernels: what infopt run computes)."),
     kernels: Optional[str] = typer.Option(None, "--kernels", help="With --engine infopt: ext, ext-a8 (int8 activations) or torch."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder, for a GGUF file that "
+                                             "carries no Hugging Face tokenizer (default: the model's own)."),
     allow_pickle: bool = ALLOW_PICKLE,
     dtype: str = DTYPE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
@@ -357,7 +411,8 @@ def eval_(
     compute_dtype = parse_dtype(dtype)
     with progress_bar(not json_out) as progress:
         report = evaluate_checkpoint(model, dataset, baseline, seq_len, stride, max_windows, text_field,
-                                     allow_pickle, progress, trust_remote_code, compute_dtype, engine, kernels)
+                                     allow_pickle, progress, trust_remote_code, compute_dtype, engine, kernels,
+                                     tokenizer)
     if json_out:
         print_json(report)
     else:

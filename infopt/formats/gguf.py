@@ -336,33 +336,69 @@ def write_model(path: Path, items: Iterable[tuple[str, object]], *, config: dict
     return report
 
 
-def _add(writer: GGUFWriter, report: WriteReport, name: str, value, file_type: str, layer: int | None,
-         layers: int, tied: bool, importance: torch.Tensor | None) -> None:
+def decide(name: str, value, file_type: str, layer: int | None, layers: int, tied: bool,
+           importance: bool = False) -> tuple[str, str, str | None]:
+    """(ggml type, how the bytes come about, fallback note) of one tensor: what the writer does and what
+    `--dry-run` reports. A method's grid goes in as it is where a block holds it; everything else is rounded."""
     if isinstance(value, QuantizedWeight):
         rows, cols = value.shape
         grid = _grid_type(value)
         if grid is not None and cols % ggml.QK == 0:
-            data, exact = pack_grid(value, grid)
-            writer.add_tensor(name, (rows, cols), grid, data)
-            report.tensors.append({"name": name, "type": grid, "shape": [rows, cols],
-                                   "how": "exact" if exact else "grid, scales rounded to fp16"})
-            return
-        value = value.dequantize().to(torch.float32)
-        how = f"re-rounded ({value.shape[1]} columns or its grid do not fit a ggml block)"
+            exact = grid_is_exact(value, grid)
+            return grid, "exact" if exact else "grid, scales rounded to fp16", None
+        how = f"re-rounded (its grid or {cols} columns fit no ggml block)"
     else:
         how = "quantized"
-    tensor = value.to(torch.float32) if value.is_floating_point() else value
-    if tensor.dim() == 1 or name == "rope_freqs.weight":
-        writer.add_tensor(name, tuple(tensor.shape), "F32", tensor.contiguous())
-        report.tensors.append({"name": name, "type": "F32", "shape": list(tensor.shape), "how": "float"})
-        return
-    rows, cols = tensor.shape
-    type_name, note = tensor_type(name, cols, file_type, layer, layers, tied, importance is not None)
-    data = ggml.quantize(type_name, tensor, importance if type_name not in ggml.FLOAT_TYPES else None)
-    writer.add_tensor(name, (rows, cols), type_name, data)
-    report.tensors.append({"name": name, "type": type_name, "shape": [rows, cols],
-                           "how": "float" if type_name in ggml.FLOAT_TYPES and how == "quantized" else how,
+        if value.dim() == 1 or name == "rope_freqs.weight":
+            return "F32", "float", None
+        cols = value.shape[1]
+    type_name, note = tensor_type(name, cols, file_type, layer, layers, tied, importance)
+    if type_name in ggml.FLOAT_TYPES and how == "quantized":
+        how = "float"
+    return type_name, how, note
+
+
+def grid_is_exact(w: QuantizedWeight, type_name: str) -> bool:
+    return pack_grid(w, type_name)[1]
+
+
+def _add(writer: GGUFWriter, report: WriteReport, name: str, value, file_type: str, layer: int | None,
+         layers: int, tied: bool, importance: torch.Tensor | None) -> None:
+    type_name, how, note = decide(name, value, file_type, layer, layers, tied, importance is not None)
+    if isinstance(value, QuantizedWeight) and how in ("exact", "grid, scales rounded to fp16"):
+        data, _ = pack_grid(value, type_name)
+        shape = value.shape
+    else:
+        tensor = value.dequantize() if isinstance(value, QuantizedWeight) else value
+        tensor = tensor.to(torch.float32)
+        shape = tuple(tensor.shape)
+        data = ggml.quantize(type_name, tensor, importance if type_name not in ggml.FLOAT_TYPES else None)
+    writer.add_tensor(name, tuple(shape), type_name, data)
+    report.tensors.append({"name": name, "type": type_name, "shape": list(shape), "how": how,
                            **({"fallback": note} if note else {})})
+
+
+def plan_model(items, *, config: dict, adapter, file_type: str, importance: bool = False) -> list[dict]:
+    """What write_model would do with each tensor, writing nothing (`infopt convert --dry-run`)."""
+    from infopt.models.loading import text_config
+
+    text = text_config(config)
+    names = _Names.build(adapter, text)
+    layers = int(text["num_hidden_layers"])
+    tied = bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
+    rows = []
+    for hf_name, value in items:
+        if hf_name.endswith("rotary_emb.inv_freq") or (hf_name == f"{adapter.lm_head}.weight" and tied):
+            continue
+        gguf_name = names.to_gguf.get(hf_name)
+        if gguf_name is None:
+            raise InfoptError(f"tensor {hf_name} has no place in a {adapter.gguf.arch} GGUF file")
+        match = re.match(r"blk\.(\d+)\.", gguf_name)
+        kind, how, note = decide(gguf_name, value, file_type, int(match.group(1)) if match else None, layers, tied,
+                                 importance)
+        rows.append({"name": gguf_name, "source": hf_name, "type": kind, "how": how,
+                     **({"fallback": note} if note else {})})
+    return rows
 
 
 # --- reading --------------------------------------------------------------------------------------------------

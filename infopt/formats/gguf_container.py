@@ -301,10 +301,18 @@ def read_header(path: Path) -> GGUFFile:
             raise InfoptError(f"{path}: tensor {name[:60]!r} lies outside the file or off its alignment "
                               f"(offset {offset}, {nbytes} bytes, file {size} bytes)")
         tensors[name] = TensorInfo(name, tuple(reversed(dims)), t.name, offset, nbytes)
+    # the tensors tile the data section: each starts where the one before ends (rounded up to the alignment), and
+    # the last ends the file (padding at most), so no byte of the file goes unaccounted for
     spans = sorted((i.offset, i.offset + i.nbytes, i.name) for i in tensors.values())
-    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
-        if start < end:
-            raise InfoptError(f"{path}: tensors {first[:60]!r} and {second[:60]!r} overlap")
+    expected_start = 0
+    for start, end, name in spans:
+        if start != expected_start:
+            raise InfoptError(f"{path}: tensor {name[:60]!r} starts at {start} of the data section, not at "
+                              f"{expected_start} where the one before it ends (overlap or unaccounted bytes)")
+        expected_start = end + (-end % alignment)
+    data_size = size - data_offset
+    if spans and not spans[-1][1] <= data_size <= expected_start:
+        raise InfoptError(f"{path}: {data_size} bytes of tensor data, the tensors account for {spans[-1][1]}")
     del cursor, mapped
     return GGUFFile(path, version, metadata, tensors, data_offset)
 

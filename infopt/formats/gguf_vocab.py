@@ -200,7 +200,7 @@ def tokenizer_from_metadata(metadata: dict, path: Path):
     raw = metadata.get("tokenizer.huggingface.json")
     if not isinstance(raw, str):
         raise InfoptError(f"{path} carries no Hugging Face tokenizer (tokenizer.huggingface.json); pass --tokenizer "
-                          "with the model's tokenizer folder")
+                          "with the model's tokenizer folder (infopt eval)")
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 

@@ -114,7 +114,9 @@ def _check_semantics(recipe: Recipe, source: str) -> None:
         method = get_method(art.method)
         config = method.make_config(art.options, f"{where}.options.")
         try:
-            output_format(art.format or method.default_format, method)
+            if output_format(art.format or method.default_format, method).single_file:
+                raise InfoptError(f"format {art.format!r}: release artifacts are folders; GGUF files are made with "
+                                  "`infopt quantize --format gguf` or `infopt convert gguf` for now")
             for text in art.overrides:
                 parse_override(text, config.spec())
             parse_size(str(art.max_shard_size))

@@ -73,8 +73,7 @@ def convert_gguf(src: str, out: Path, *, gguf_type: str | None = None, force: bo
             raise InfoptError(f"--out {out} overlaps the source {model.path}; write somewhere else")
     adapter = adapter_for(text_config(model.config))
     if adapter.gguf is None:
-        raise InfoptError(f"GGUF export of {adapter.name} is not supported yet (supported: llama, mistral, qwen2, "
-                          "qwen3)")
+        raise InfoptError(f"GGUF export of {adapter.name} is not supported yet")
     if model.quant_method is None:
         quantized: dict = {}
 

@@ -258,13 +258,21 @@ def test_llama_cpp_logits_match_our_reader(stories_q8):
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
 
 
-@pytest.mark.parametrize("arch,extra", [("llama", {}), ("mistral", {}), ("qwen2", {}), ("qwen3", {"head_dim": 16})])
+@pytest.mark.parametrize("arch,extra", [("llama", {}), ("mistral", {}), ("qwen2", {}), ("qwen3", {"head_dim": 16}),
+                                        ("gemma", {"head_dim": 16}),
+                                        ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 16}),
+                                        ("phi3", {"pad_token_id": 0, "original_max_position_embeddings": 128})])
 def test_each_architecture_runs_in_llama_cpp_as_it_does_here(stories_hf, tmp_path, arch, extra):
     src = copy_tokenizer(stories_hf, make_tiny_model(arch, tmp_path / arch, vocab_size=512, **extra))
-    out = _quantize(src, tmp_path / f"{arch}.gguf", "--gguf-type", "F32")
+    # the file is named "model": llama.cpp gives a model whose general.name contains "phi3" Phi-3's special
+    # tokens, which this tokenizer lacks (llama-vocab.cpp), whatever its architecture
+    out = _quantize(src, tmp_path / "model.gguf", "--gguf-type", "F32")
     tokens = [1, 403, 407, 261, 378, 426, 346]
     source, read_back = _our_logits(src, tokens), _our_logits(out, tokens)
-    assert np.array_equal(source, read_back)  # F32: the file holds the source's exact values
+    if arch.startswith("gemma"):  # norms are stored as 1 + w (llama.cpp's convention), read back as (1 + w) - 1
+        assert np.abs(source - read_back).max() < 1e-5 * max(1.0, np.abs(source).max())
+    else:
+        assert np.array_equal(source, read_back)  # F32: the file holds the source's exact values
     theirs = _llama_cpp_logits(out, tokens)
     assert np.abs(theirs - source).max() < 1e-3 * max(1.0, np.abs(source).max())
 
@@ -481,3 +489,11 @@ def test_a_file_gguf_py_writes_reads_back_as_its_source(stories_hf, tmp_path):
     assert done.returncode == 0, done.stderr
     reference = run_cli("eval", str(src), "--dataset", "tinystories", "--max-windows", "1", "--json")
     assert json.loads(done.stdout)["ppl"] == json.loads(reference.stdout)["ppl"]
+
+
+def test_a_gemma2_query_scale_llama_cpp_cannot_express_is_refused(stories_hf, tmp_path):
+    src = copy_tokenizer(stories_hf, make_tiny_model("gemma2", tmp_path / "g2", vocab_size=512, head_dim=16,
+                                                    query_pre_attn_scalar=256))
+    done = run_cli("quantize", str(src), "--format", "gguf", "--gguf-type", "F32", "--out", str(tmp_path / "g.gguf"))
+    assert done.returncode == 2 and "query_pre_attn_scalar 256" in done.stderr
+    assert not (tmp_path / "g.gguf").exists() and [p.name for p in tmp_path.iterdir()] == ["g2"]

@@ -217,6 +217,26 @@ def model_metadata(arch: str, text: dict) -> tuple[dict, dict[str, torch.Tensor]
     if head_dim != hidden // heads:
         meta[f"{arch}.attention.key_length"] = u32(head_dim)
         meta[f"{arch}.attention.value_length"] = u32(head_dim)
+    if arch in ("gemma", "gemma2"):  # llama.cpp reads the head size of these from the keys alone
+        meta[f"{arch}.attention.key_length"] = u32(head_dim)
+        meta[f"{arch}.attention.value_length"] = u32(head_dim)
+    if arch == "gemma2":
+        # llama.cpp's gemma2 graph scales queries by 1/sqrt(head_dim), by 1/sqrt(hidden/heads) for its 46-layer
+        # 27B (src/models/gemma2.cpp): other query_pre_attn_scalar values have no GGUF key
+        scalar = text.get("query_pre_attn_scalar", head_dim)
+        implied = hidden // heads if int(text["num_hidden_layers"]) == 46 else head_dim
+        if scalar != implied:
+            raise InfoptError(f"gemma2 query_pre_attn_scalar {scalar}: llama.cpp scales queries by 1/sqrt({implied}) "
+                              "for this shape, and GGUF has no key to say otherwise")
+        meta[f"{arch}.attn_logit_softcapping"] = f32(text.get("attn_logit_softcapping") or 0.0)
+        meta[f"{arch}.final_logit_softcapping"] = f32(text.get("final_logit_softcapping") or 0.0)
+        meta[f"{arch}.attention.sliding_window"] = u32(text.get("sliding_window") or 0)
+    if arch == "phi3":  # convert_hf_to_gguf.py's Phi3MiniModel: 0 marks "no sliding window"
+        meta[f"{arch}.rope.scaling.original_context_length"] = u32(
+            text.get("original_max_position_embeddings") or text.get("max_position_embeddings") or 2048)
+        meta[f"{arch}.attention.sliding_window"] = u32(text.get("sliding_window") or 0)
+        rotary = float(text.get("partial_rotary_factor") or 1.0)
+        meta[f"{arch}.rope.dimension_count"] = u32(int(rotary * hidden) // heads)
     extra: dict[str, torch.Tensor] = {}
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
@@ -289,8 +309,7 @@ def write_model(path: Path, items: Iterable[tuple[str, object]], *, config: dict
     from infopt.models.loading import text_config
 
     if adapter.gguf is None:
-        raise InfoptError(f"GGUF export of {adapter.name} is not supported yet (supported: llama, mistral, qwen2, "
-                          "qwen3)")
+        raise InfoptError(f"GGUF export of {adapter.name} is not supported yet")
     text = text_config(config)
     arch = adapter.gguf.arch
     names = _Names.build(adapter, text)
@@ -325,6 +344,8 @@ def write_model(path: Path, items: Iterable[tuple[str, object]], *, config: dict
                 raise InfoptError(f"tensor {hf_name} has no place in a {arch} GGUF file")
             if hf_name in names.permuted:
                 value = _permute_weight(value, names.permuted[hf_name])
+            if adapter.norm_offset and gguf_name.endswith("norm.weight"):
+                value = value.to(torch.float32) + adapter.norm_offset  # llama.cpp multiplies by the weight itself
             match = re.match(r"blk\.(\d+)\.", gguf_name)
             layer = int(match.group(1)) if match else None
             _add(writer, report, gguf_name, value, file_type, layer, layers, tied,
@@ -422,10 +443,10 @@ def model_config(path: Path) -> dict:
     header = read_header(path)
     meta = header.metadata
     arch = meta.get("general.architecture")
-    if arch not in _MODEL_TYPES:
-        raise InfoptError(f"{path}: GGUF architecture {str(arch)[:40]!r} is not readable yet "
-                          f"(readable: {', '.join(_MODEL_TYPES)})")
     recorded = meta.get("infopt.source_config")
+    if arch not in _MODEL_TYPES and not (arch in ("gemma", "gemma2", "phi3") and isinstance(recorded, str)):
+        raise InfoptError(f"{path}: GGUF architecture {str(arch)[:40]!r} is not readable yet "
+                          f"(readable: {', '.join(_MODEL_TYPES)}, and gemma/gemma2/phi3 files infopt wrote)")
     if isinstance(recorded, str):
         try:
             config = json.loads(recorded)
@@ -499,6 +520,8 @@ def read_quantized(files: list[Path], qconfig: dict) -> tuple[dict[str, Quantize
                 if hf_name in names.permuted else weight
             continue
         values = ggml.dequantize(info.type, raw, rows, cols).reshape(info.shape)
+        if adapter.norm_offset and gguf_name.endswith("norm.weight"):
+            values = values - adapter.norm_offset
         dense[hf_name] = _unpermute(values, names.permuted[hf_name]) if hf_name in names.permuted else values
     missing = sorted(k for k in expected if k not in quantized and k not in dense
                      and not (tied and k == f"{adapter.lm_head}.weight"))

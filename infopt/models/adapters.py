@@ -39,6 +39,14 @@ _GGUF_LLAMA_NAMES = (
     ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down"),
 )
 _GGUF_QWEN3_NAMES = _GGUF_LLAMA_NAMES + (("self_attn.q_norm", "attn_q_norm"), ("self_attn.k_norm", "attn_k_norm"))
+# Gemma 2 normalizes after attention and around the MLP (gguf-py's TENSOR_NAMES: post_attention_norm, ffn_norm,
+# post_ffw_norm)
+_GGUF_GEMMA2_NAMES = tuple(p for p in _GGUF_LLAMA_NAMES if p[0] != "post_attention_layernorm") + (
+    ("post_attention_layernorm", "post_attention_norm"), ("pre_feedforward_layernorm", "ffn_norm"),
+    ("post_feedforward_layernorm", "post_ffw_norm"))
+_GGUF_PHI3_NAMES = (("input_layernorm", "attn_norm"), ("self_attn.qkv_proj", "attn_qkv"),
+                    ("self_attn.o_proj", "attn_output"), ("post_attention_layernorm", "ffn_norm"),
+                    ("mlp.gate_up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down"))
 
 
 @dataclass(frozen=True)
@@ -109,9 +117,11 @@ ADAPTERS: dict[str, Adapter] = {
     "mistral": _llama_like("mistral", gguf=GGUFLayout("llama", _GGUF_LLAMA_NAMES, permute_qk=True)),
     "qwen2": _llama_like("qwen2", gguf=GGUFLayout("qwen2", _GGUF_LLAMA_NAMES)),
     "qwen3": _llama_like("qwen3", gguf=GGUFLayout("qwen3", _GGUF_QWEN3_NAMES)),
-    "gemma": _llama_like("gemma", norm_offset=1.0),
-    "gemma2": Adapter("gemma2", "model.layers", _LLAMA_LIKE, scale_groups=_GEMMA2_SCALES, norm_offset=1.0),
-    "phi3": Adapter("phi3", "model.layers", _PHI3, scale_groups=_PHI3_SCALES, unscalable=_PHI3_FUSED),
+    "gemma": _llama_like("gemma", norm_offset=1.0, gguf=GGUFLayout("gemma", _GGUF_LLAMA_NAMES)),
+    "gemma2": Adapter("gemma2", "model.layers", _LLAMA_LIKE, scale_groups=_GEMMA2_SCALES, norm_offset=1.0,
+                      gguf=GGUFLayout("gemma2", _GGUF_GEMMA2_NAMES)),
+    "phi3": Adapter("phi3", "model.layers", _PHI3, scale_groups=_PHI3_SCALES, unscalable=_PHI3_FUSED,
+                    gguf=GGUFLayout("phi3", _GGUF_PHI3_NAMES)),
 }
 
 

@@ -139,12 +139,14 @@ def _quantize(
         if gguf_type is not None and fmt == "gguf" and get_method(method).calibrated:
             from infopt.formats.gguf import grid_spec, resolve_file_type
 
-            file_type = resolve_file_type(gguf_type)
-            grid = grid_spec(file_type, -1)
+            from infopt.cli.method_options import FLAGS
+
+            grid = grid_spec(resolve_file_type(gguf_type), -1)
             method_options = {**method_options}
-            for key, value in (("bits", grid.bits), ("symmetric", grid.symmetric)):
-                if key in method_options and method_options[key] is None:
-                    method_options[key] = value  # the file type sets the grid unless given explicitly
+            for name, flag in FLAGS.items():  # the file type sets the grid unless given explicitly
+                value = {"--bits": grid.bits, "--sym/--asym": grid.symmetric}.get(flag.flag)
+                if value is not None and method_options.get(name) is None:
+                    method_options[name] = value
         config = method_config(method, method_options)
         calib_given = {"--calib": calib, "--calib-samples": calib_samples, "--calib-seq-len": calib_seq_len,
                        "--seed": seed, "--text-field": text_field, "--resume": resume or None}

@@ -497,3 +497,11 @@ def test_a_gemma2_query_scale_llama_cpp_cannot_express_is_refused(stories_hf, tm
     done = run_cli("quantize", str(src), "--format", "gguf", "--gguf-type", "F32", "--out", str(tmp_path / "g.gguf"))
     assert done.returncode == 2 and "query_pre_attn_scalar 256" in done.stderr
     assert not (tmp_path / "g.gguf").exists() and [p.name for p in tmp_path.iterdir()] == ["g2"]
+
+
+def test_the_gguf_type_sets_a_calibrated_methods_grid(stories_hf, tmp_path):
+    out = _quantize(stories_hf, tmp_path / "q8.gguf", "--method", "gptq", "--calib", "tinystories",
+                    "--calib-samples", "4", "--calib-seq-len", "64", "--group-size", "32", "--gguf-type", "Q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert {types[f"blk.{i}.attn_q.weight"] for i in range(5)} == {"Q8_0"}
+    assert "stored exactly | 30 of 30" in (tmp_path / "q8.gguf.md").read_text()

@@ -149,11 +149,12 @@ def subject_rows(name: str, source: Path, dataset: str, calib: str, types: list[
             t_theirs.append(quantize_with_llama_cpp(f32, theirs_file, file_type, threads))
             t_ours.append(_infopt(source, ours_file, "--gguf-type", file_type))
         rows = [("llama.cpp quantize", theirs_file), ("infopt RTN (searched scales)", ours_file)]
-        if file_type in ("Q4_0", "Q8_0"):
+        if file_type in ("Q4_0", "Q8_0", "Q4_K_M"):
             gptq_file = work / f"{name}-infopt-gptq-{file_type}.gguf"
             _infopt(source, gptq_file, "--method", "gptq", "--calib", calib, "--calib-samples", "128",
                     "--calib-seq-len", str(seq_len), "--group-size", "32", "--gguf-type", file_type)
-            rows.append(("infopt GPTQ, grid stored exactly", gptq_file))
+            # (K mixtures: GPTQ on the Q4_K grid; the mixture's Q6_K tensors written from full precision)
+            rows.append(("infopt GPTQ on the file's grid", gptq_file))
         for label, file in rows:
             theirs, ours = _score(file, ids, seq_len, windows, threads)
             quality.append(f"| {name} | {file_type}: {label} | {file.stat().st_size:,} | {theirs:.4f} | "

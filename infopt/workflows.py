@@ -441,6 +441,9 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     fmt = output_format(req.format_name, req.entry)
     _check_request(req)
     gguf_type = _gguf_file_type(req) if fmt.single_file else None
+    k_grid = gguf_type is not None and req.entry.calibrated and gguf_type in _gguf_k_types()
+    if k_grid:  # the method quantizes on the K-quant grid the file stores (infopt.quant.kgrid)
+        fmt = replace(fmt, storage=replace(fmt.storage, grid="Q4_K"))
     if gguf_type is not None and req.out is not None and req.out.suffix != ".gguf":
         raise InfoptError(f"--out {req.out}: a GGUF output is one file, named *.gguf")
     if req.gguf_type is not None and not fmt.single_file:
@@ -451,6 +454,8 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     if req.out is not None and not req.dry_run and inputs_overlap(req.out, [model.path]):
         raise InfoptError(f"--out {req.out} overlaps the source model {model.path}; write somewhere else")
     plan = plan_quantization(req, model)
+    if k_grid:
+        plan = _on_k_grid(plan, model, gguf_type)
     dtype_bytes = _source_dtype(model).itemsize
     report = {
         "source": req.model,
@@ -567,6 +572,29 @@ def _finish_work_dir(work_dir: Path | None) -> None:
 _GGUF_BY_GRID = {(8, True): "Q8_0", (4, True): "Q4_0", (4, False): "Q4_1"}
 
 
+def _gguf_k_types() -> tuple[str, ...]:
+    from infopt.formats.gguf import K_GRID_TYPES
+
+    return K_GRID_TYPES
+
+
+def _on_k_grid(plan: QuantPlan, model: ModelDir, file_type: str) -> QuantPlan:
+    """Leave to the writer (full precision, rounded at their own type) the linears the mixture does not give Q4_K."""
+    from infopt.formats import gguf
+    from infopt.quant.spec import PlanEntry
+
+    adapter = adapter_for(text_config(model.config))
+    chosen = gguf.on_grid_modules([(e.module, e.shape) for e in plan.quantized], config=model.config,
+                                  adapter=adapter, file_type=file_type)
+    entries = [e if e.spec is None or e.module in chosen else
+               PlanEntry(e.module, e.shape, None, f"the {file_type} mixture gives it more bits: written from full "
+                                                  "precision at its own type")
+               for e in plan.entries]
+    if not any(e.spec is not None for e in entries):
+        raise InfoptError("the plan quantizes nothing: no linear takes the Q4_K grid (rows must be multiples of 256)")
+    return QuantPlan(entries, plan.dense_bytes, plan.warnings)
+
+
 def _gguf_file_type(req: QuantizeRequest) -> str:
     """The GGUF file type of a request, checked against the method's grid before any work is done."""
     from infopt.formats import gguf
@@ -581,7 +609,10 @@ def _gguf_file_type(req: QuantizeRequest) -> str:
         raise InfoptError(f"int{grid[0]} {'sym' if grid[1] else 'asym'} has no GGUF block; pass --gguf-type "
                           f"({', '.join(gguf.FILE_TYPES)})")
     if req.entry.calibrated:
-        spec = gguf.grid_spec(file_type, config.group_size)
+        spec = gguf.grid_spec(file_type, config.group_size, req.entry.grids)
+        if file_type in gguf.K_GRID_TYPES and config.group_size != spec.group_size:
+            raise InfoptError(f"--gguf-type {file_type}: on the K-quant grid a group is a sub-block of 32 values "
+                              f"(pass --group-size 32, not {config.group_size})")
         if (spec.bits, spec.symmetric) != grid:
             raise InfoptError(f"--gguf-type {file_type} stores int{spec.bits} {'sym' if spec.symmetric else 'asym'}; "
                               f"--method {req.method} is set to int{grid[0]} {'sym' if grid[1] else 'asym'} "

@@ -330,7 +330,11 @@ def test_awq_goes_into_q4_1_and_runs_in_llama_cpp(stories_hf, tmp_path):
 def test_bad_requests_get_one_line(stories_hf, tmp_path):
     cases = [
         (["--gguf-type", "Q3_X"], "invalid --gguf-type"),
-        (["--method", "gptq", "--calib", "tinystories", "--gguf-type", "Q4_K_M"], "calibrated methods write GGUF"),
+        (["--method", "gptq", "--calib", "tinystories", "--gguf-type", "Q6_K"], "calibrated methods write GGUF"),
+        (["--method", "awq", "--calib", "tinystories", "--gguf-type", "Q4_K_M"], "calibrated methods write GGUF"),
+        (["--method", "gptq", "--calib", "tinystories", "--gguf-type", "Q4_K_M"], "no linear takes the Q4_K grid"),
+        (["--method", "gptq", "--calib", "tinystories", "--gguf-type", "Q4_K_S", "--group-size", "64"],
+         "a sub-block of 32 values"),
         (["--method", "gptq", "--calib", "tinystories", "--gguf-type", "Q4_1", "--sym"], "stores int4 asym"),
         (["--bits", "3"], "has no GGUF block"),
     ]
@@ -505,3 +509,53 @@ def test_the_gguf_type_sets_a_calibrated_methods_grid(stories_hf, tmp_path):
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
     assert {types[f"blk.{i}.attn_q.weight"] for i in range(5)} == {"Q8_0"}
     assert "stored exactly | 30 of 30" in (tmp_path / "q8.gguf.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def wide_llama(stories_hf, tmp_path_factory):
+    """A random Llama whose linears are all 256-multiples, so K-quants apply everywhere."""
+    return copy_tokenizer(stories_hf, make_tiny_model(
+        "llama", tmp_path_factory.mktemp("wide") / "src", vocab_size=512, hidden_size=256, intermediate_size=512,
+        num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4))
+
+
+def test_gptq_on_the_k_quant_grid_beats_rounding_to_it(wide_llama, tmp_path):
+    """GPTQ quantizes each Q4_K tensor on the very grid the file stores (6-bit sub-block scales under fp16
+    super-scales, fitted as it reaches each super-block); the mixture's Q6_K tensors are written from full
+    precision, as llama-quantize writes them. Closer to the source than the writer's own rounding, and llama.cpp
+    computes what infopt's reader computes."""
+    gptq_file = _quantize(wide_llama, tmp_path / "g.gguf", "--method", "gptq", "--calib", "tinystories",
+                          "--calib-samples", "16", "--calib-seq-len", "128", "--gguf-type", "Q4_K_M")
+    rtn_file = _quantize(wide_llama, tmp_path / "r.gguf", "--gguf-type", "Q4_K_M")
+    ours = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(gptq_file)).tensors}
+    assert ours == {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(rtn_file)).tensors}  # the mixture
+    assert ours["blk.0.attn_v.weight"] == "Q6_K" and ours["blk.1.attn_v.weight"] == "Q4_K"
+    card = (tmp_path / "g.gguf.md").read_text()
+    quantized_on_grid = sum(1 for n, t in ours.items() if t == "Q4_K" and n.startswith("blk."))
+    assert f"stored exactly | {quantized_on_grid} of {quantized_on_grid}" in card
+
+    def kl(path):
+        done = run_cli("eval", str(path), "--dataset", "tinystories", "--baseline", str(wide_llama),
+                       "--max-windows", "8", "--seq-len", "128", "--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)["kl_mean"]
+
+    assert kl(gptq_file) < 0.9 * kl(rtn_file)
+    tokens = [1, 403, 407, 261, 378, 426, 346]
+    theirs, mine = _llama_cpp_logits(gptq_file, tokens), _our_logits(gptq_file, tokens)
+    assert np.abs(theirs - mine).max() < 0.05 * np.abs(mine).max()
+
+
+def test_k_grid_results_survive_the_work_folder(tmp_path):
+    from infopt.quant.driver import LayerResult, load_part, save_part
+    from infopt.quant.gptq import _KGridParams
+
+    params = _KGridParams(4, 512, "cpu")
+    w = torch.randn(4, 512)
+    for index in range(2):
+        params.fit(index, w[:, index * 256 :])
+    codes = torch.randint(0, 16, (4, 512), dtype=torch.int8)
+    weight = params.result(codes, None)
+    save_part(tmp_path / "p.safetensors", LayerResult(quantized={"m": weight}))
+    back = load_part(tmp_path / "p.safetensors").quantized["m"]
+    assert back.dequantize().equal(weight.dequantize()) and back.sc.equal(weight.sc) and back.d.equal(weight.d)

@@ -141,10 +141,12 @@ def _quantize(
 
             from infopt.cli.method_options import FLAGS
 
-            grid = grid_spec(resolve_file_type(gguf_type), -1)
+            file_type = resolve_file_type(gguf_type)
+            grid = grid_spec(file_type, -1, get_method(method).grids)
             method_options = {**method_options}
             for name, flag in FLAGS.items():  # the file type sets the grid unless given explicitly
-                value = {"--bits": grid.bits, "--sym/--asym": grid.symmetric}.get(flag.flag)
+                value = {"--bits": grid.bits, "--sym/--asym": grid.symmetric,
+                         "--group-size": grid.group_size if file_type.startswith("Q4_K") else None}.get(flag.flag)
                 if value is not None and method_options.get(name) is None:
                     method_options[name] = value
         config = method_config(method, method_options)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from infopt.errors import InfoptError
+from infopt.quant.kgrid import affine_search, grid_codes, importance_weights, round_half_away, super_scales
 
 QK = 32  # values per block of the legacy types
 QK_K = 256  # values per super-block of the K-quants
@@ -97,11 +98,6 @@ def _u32_bytes(values: torch.Tensor) -> torch.Tensor:
 def _u32(data: torch.Tensor) -> torch.Tensor:
     d = data.to(torch.int64)
     return d[:, 0] | (d[:, 1] << 8) | (d[:, 2] << 16) | (d[:, 3] << 24)
-
-
-def round_half_away(x: torch.Tensor) -> torch.Tensor:
-    """C's roundf (ggml's nearest_int for the values it sees): halves away from zero."""
-    return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
 def _blocks(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -290,46 +286,6 @@ def _symmetric_search(x: torch.Tensor, w: torch.Tensor, nmax: int, steps: int = 
     return best_scale
 
 
-def _affine_search(x: torch.Tensor, w: torch.Tensor, nmax: int, steps: int = 20,
-                   nonnegative_min: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best (scale, min) per block for x = scale * q - min, q in [0, nmax], by weighted least squares over candidate
-    roundings. The K-quant grids store a non-negative min (nonnegative_min); Q4_1/Q5_1 store any."""
-    lo = x.min(dim=1, keepdim=True).values
-    lo = lo.clamp_max(0) if nonnegative_min else lo
-    hi = x.max(dim=1, keepdim=True).values
-    span = (hi - lo).clamp_min(1e-30)
-    best_scale, best_min = span / nmax, -lo
-    best_err = torch.full_like(lo, float("inf"))
-    sw = w.sum(dim=1, keepdim=True)
-    for step in range(steps + 1):
-        iscale = (nmax - 1.0 + 0.1 * step) / span
-        q = torch.clamp(round_half_away((x - lo) * iscale), 0, nmax)
-        # minimize sum w (scale q - min' - x)^2 over scale and min'; min' = -offset
-        sq, sx = (w * q).sum(1, keepdim=True), (w * x).sum(1, keepdim=True)
-        sqq, sqx = (w * q * q).sum(1, keepdim=True), (w * q * x).sum(1, keepdim=True)
-        det = sw * sqq - sq * sq
-        scale = torch.where(det > 0, (sw * sqx - sq * sx) / det.clamp_min(1e-30), best_scale)
-        offset = torch.where(det > 0, (sqq * sx - sq * sqx) / det.clamp_min(1e-30), lo)
-        if nonnegative_min:  # x = scale q - min with min = -offset >= 0
-            offset = offset.clamp_max(0)
-            scale = torch.where(offset == 0, sqx / sqq.clamp_min(1e-30), scale)
-        scale = scale.clamp_min(0)
-        err = (w * (scale * q + offset - x).pow(2)).sum(dim=1, keepdim=True)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_min = torch.where(better, -offset, best_min)
-    return best_scale, best_min
-
-
-def _with_imatrix(x: torch.Tensor, imatrix: torch.Tensor | None, size: int) -> torch.Tensor:
-    """The importance weights of [rows * cols / size, size] blocks of x, tiling the per-column imatrix."""
-    w = (x.pow(2).mean(dim=1, keepdim=True) + x.pow(2)).sqrt()
-    if imatrix is not None:
-        w = w * imatrix.reshape(-1, size).repeat(x.shape[0] // (imatrix.numel() // size), 1)
-    return w
-
-
 def quantize(type_name: str, weight: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
     """A float [rows, cols] tensor -> [rows, bytes per row] uint8 in `type_name` (round to nearest on a searched
     grid). imatrix: float [cols], the mean of x^2 per input column over calibration text."""
@@ -347,7 +303,7 @@ def quantize(type_name: str, weight: torch.Tensor, imatrix: torch.Tensor | None 
         if type_name == "Q8_0":  # the symmetric 8-bit grid needs no search: amax / 127, as ggml does
             d = (blocks.abs().amax(dim=1, keepdim=True) / 127).to(torch.float16).to(torch.float32)
         else:
-            w = _with_imatrix(blocks, imatrix, QK)
+            w = importance_weights(blocks, imatrix, QK)
             d = _symmetric_search(blocks, w, nmax).to(torch.float16).to(torch.float32)
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
         hi = 127 if type_name == "Q8_0" else nmax - 1
@@ -357,7 +313,7 @@ def quantize(type_name: str, weight: torch.Tensor, imatrix: torch.Tensor | None 
     if type_name in ("Q4_1", "Q5_1"):
         blocks = _blocks(x, QK)
         nmax = 15 if type_name == "Q4_1" else 31
-        scale, minimum = _affine_search(blocks, _with_imatrix(blocks, imatrix, QK), nmax, nonnegative_min=False)
+        scale, minimum = affine_search(blocks, importance_weights(blocks, imatrix, QK), nmax, nonnegative_min=False)
         d = scale.to(torch.float16).to(torch.float32)
         lo = (-minimum).to(torch.float16).to(torch.float32)
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
@@ -367,14 +323,14 @@ def quantize(type_name: str, weight: torch.Tensor, imatrix: torch.Tensor | None 
     if type_name in ("Q4_K", "Q5_K"):
         nmax = 15 if type_name == "Q4_K" else 31
         sub = _blocks(x, 32)
-        scale, minimum = _affine_search(sub, _with_imatrix(sub, imatrix, 32), nmax)
-        sc, mn, d, dmin = k_super_scales(scale.reshape(-1, 8), minimum.reshape(-1, 8))
-        q = k_codes(x, d, dmin, sc, mn, nmax)
+        scale, minimum = affine_search(sub, importance_weights(sub, imatrix, 32), nmax)
+        sc, mn, d, dmin = super_scales(scale.reshape(-1, 8), minimum.reshape(-1, 8))
+        q = grid_codes(x, d, dmin, sc, mn, nmax)
         pack = pack_q4_k if type_name == "Q4_K" else pack_q5_k
         return pack(q, d.reshape(rows, -1), dmin.reshape(rows, -1), sc.reshape(rows, -1, 8), mn.reshape(rows, -1, 8))
     if type_name == "Q6_K":
         sub = _blocks(x, 16)
-        scale = _symmetric_search(sub, _with_imatrix(sub, imatrix, 16), 32).reshape(-1, 16)
+        scale = _symmetric_search(sub, importance_weights(sub, imatrix, 16), 32).reshape(-1, 16)
         peak_index = scale.abs().argmax(dim=1, keepdim=True)
         peak = scale.gather(1, peak_index)
         iscale = torch.where(peak == 0, torch.zeros_like(peak), -128 / peak)
@@ -385,28 +341,3 @@ def quantize(type_name: str, weight: torch.Tensor, imatrix: torch.Tensor | None 
         q = torch.clamp(round_half_away(sub * inv), -32, 31).reshape(rows, cols)
         return pack_q6_k(q, d.reshape(rows, -1), sc.reshape(rows, -1, 16))
     raise InfoptError(f"cannot quantize to {t.name}")  # pragma: no cover
-
-
-def k_super_scales(scale: torch.Tensor, minimum: torch.Tensor):
-    """Sub-block scales and mins [n, 8] -> their 6-bit codes under fp16 super-scales d, dmin (ggml's Q4_K/Q5_K
-    grid: sc = round(63 * scale / max scale))."""
-    max_scale = scale.amax(dim=1, keepdim=True)
-    max_min = minimum.amax(dim=1, keepdim=True)
-    inv_scale = torch.where(max_scale > 0, 63 / max_scale.clamp_min(1e-30), torch.zeros_like(max_scale))
-    inv_min = torch.where(max_min > 0, 63 / max_min.clamp_min(1e-30), torch.zeros_like(max_min))
-    sc = torch.clamp(round_half_away(inv_scale * scale), 0, 63)
-    mn = torch.clamp(round_half_away(inv_min * minimum), 0, 63)
-    d = (max_scale / 63).to(torch.float16).to(torch.float32)
-    dmin = (max_min / 63).to(torch.float16).to(torch.float32)
-    return sc, mn, d, dmin
-
-
-def k_codes(x: torch.Tensor, d, dmin, sc, mn, nmax: int) -> torch.Tensor:
-    """Codes of x [rows, cols] on a K-quant grid given its stored super-scales and 6-bit sub-scales: every value is
-    rounded against exactly the step and offset the file will hold."""
-    rows, cols = x.shape
-    step = (d.reshape(-1, 1) * sc.reshape(-1, 8)).reshape(-1, 1)
-    offset = (dmin.reshape(-1, 1) * mn.reshape(-1, 8)).reshape(-1, 1)
-    sub = _blocks(x.to(torch.float32), 32)
-    inv = torch.where(step == 0, torch.zeros_like(step), 1 / step)
-    return torch.clamp(round_half_away((sub + offset) * inv), 0, nmax).reshape(rows, cols)

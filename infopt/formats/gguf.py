@@ -21,6 +21,7 @@ from infopt.errors import InfoptError
 from infopt.formats import ggml_quants as ggml
 from infopt.formats.gguf_container import GGUFWriter, f32, read_header, string, u32
 from infopt.formats.gguf_vocab import vocab_metadata
+from infopt.quant.kgrid import KGridWeight
 from infopt.quant.spec import QuantSpec
 from infopt.quant.weights import QuantizedWeight
 
@@ -45,15 +46,42 @@ def resolve_file_type(name: str) -> str:
     return key
 
 
-def grid_spec(file_type: str, group_size: int) -> QuantSpec:
-    """The integer grid a calibrated method quantizes against for a Q4_0 / Q4_1 / Q8_0 file: the block's bits and
-    symmetry, groups of the method's size where it is a multiple of 32 (else 32)."""
+K_GRID_TYPES = ("Q4_K_S", "Q4_K_M")  # mixtures whose base grid (Q4_K) a method can quantize against
+
+
+def grid_spec(file_type: str, group_size: int, grids: tuple[str, ...] = ()) -> QuantSpec:
+    """The grid a calibrated method quantizes against: for a Q4_0 / Q4_1 / Q8_0 file the block's bits and symmetry
+    (groups of the method's size where it is a multiple of 32, else 32); for Q4_K_S / Q4_K_M, methods that know
+    the K-quant grid (`grids`) quantize on it, asymmetric groups of 32 (infopt.quant.kgrid)."""
+    if file_type in K_GRID_TYPES and "Q4_K" in grids:
+        return QuantSpec(4, 32, False)
     if file_type not in GRID_TYPES:
-        raise InfoptError(f"calibrated methods write GGUF as {', '.join(GRID_TYPES)} (their grid stored exactly); "
-                          f"{file_type} is written from full precision: use --method rtn (optionally with --calib "
-                          "for an importance matrix)")
+        which = "Q4_K_S, Q4_K_M with --method gptq, " if file_type in K_GRID_TYPES else ""
+        raise InfoptError(f"calibrated methods write GGUF as {which}{', '.join(GRID_TYPES)} (their grid stored "
+                          f"exactly); {file_type} is written from full precision: use --method rtn (optionally with "
+                          "--calib for an importance matrix)")
     group = group_size if group_size != -1 and group_size % ggml.QK == 0 else ggml.QK
     return QuantSpec(8 if file_type == "Q8_0" else 4, group, file_type != "Q4_1")
+
+
+def on_grid_modules(items: list[tuple[str, tuple[int, int]]], *, config: dict, adapter, file_type: str) -> set[str]:
+    """Of the linears (module name, shape), those a Q4_K_* mixture gives its base type Q4_K: the ones a method on the
+    K grid quantizes; the mixture's others (more bits for attn_v / ffn_down, fallbacks) are written from full
+    precision at their own type."""
+    from infopt.models.loading import text_config
+
+    text = text_config(config)
+    names = _Names.build(adapter, text)
+    layers = int(text["num_hidden_layers"])
+    tied = bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
+    chosen = set()
+    for module, shape in items:
+        gguf_name = names.to_gguf.get(f"{module}.weight", "")
+        match = re.match(r"blk\.(\d+)\.", gguf_name)
+        kind, _ = tensor_type(gguf_name, shape[1], file_type, int(match.group(1)) if match else None, layers, tied)
+        if kind == "Q4_K":
+            chosen.add(module)
+    return chosen
 
 
 # --- which type each tensor gets ------------------------------------------------------------------------------
@@ -154,6 +182,9 @@ def _unpermute(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _permute_weight(w, heads: int, inverse: bool = False):
     op = _unpermute if inverse else _permute
+    if isinstance(w, KGridWeight):  # rows move with all their super-block scales
+        return KGridWeight(op(w.codes, heads), op(w.d, heads), op(w.dmin, heads), op(w.sc, heads), op(w.mn, heads),
+                           w.nmax)
     if isinstance(w, QuantizedWeight):
         return QuantizedWeight(op(w.codes, heads), op(w.scale, heads), None if w.zero is None else op(w.zero, heads),
                                w.spec, w.g_idx)
@@ -361,6 +392,8 @@ def decide(name: str, value, file_type: str, layer: int | None, layers: int, tie
            importance: bool = False) -> tuple[str, str, str | None]:
     """(ggml type, how the bytes come about, fallback note) of one tensor: what the writer does and what
     `--dry-run` reports. A method's grid goes in as it is where a block holds it; everything else is rounded."""
+    if isinstance(value, KGridWeight):
+        return "Q4_K", "exact", None
     if isinstance(value, QuantizedWeight):
         rows, cols = value.shape
         grid = _grid_type(value)
@@ -386,7 +419,9 @@ def grid_is_exact(w: QuantizedWeight, type_name: str) -> bool:
 def _add(writer: GGUFWriter, report: WriteReport, name: str, value, file_type: str, layer: int | None,
          layers: int, tied: bool, importance: torch.Tensor | None) -> None:
     type_name, how, note = decide(name, value, file_type, layer, layers, tied, importance is not None)
-    if isinstance(value, QuantizedWeight) and how in ("exact", "grid, scales rounded to fp16"):
+    if isinstance(value, KGridWeight):
+        data, shape = ggml.pack_q4_k(value.codes, value.d, value.dmin, value.sc, value.mn), value.shape
+    elif isinstance(value, QuantizedWeight) and how in ("exact", "grid, scales rounded to fp16"):
         data, _ = pack_grid(value, type_name)
         shape = value.shape
     else:

@@ -28,6 +28,7 @@ from infopt.errors import InfoptError
 from infopt.memory import return_freed_memory
 from infopt.models.streaming import LayerStream, _StopForward, move_kwargs
 from infopt.quant.precision import fp32_attention
+from infopt.quant.kgrid import KGridWeight
 from infopt.quant.weights import QuantizedWeight
 from infopt.quant.spec import QuantSpec
 
@@ -219,6 +220,11 @@ def save_part(path: Path, result: LayerResult) -> None:
     tensors: dict[str, torch.Tensor] = {}
     specs = {}
     for module, w in result.quantized.items():
+        if isinstance(w, KGridWeight):
+            for field in ("codes", "d", "dmin", "sc", "mn"):
+                tensors[f"{module}::k{field}"] = getattr(w, field)
+            specs[module] = ["kgrid", w.nmax]
+            continue
         tensors[f"{module}::codes"] = w.codes
         tensors[f"{module}::scale"] = w.scale
         if w.zero is not None:
@@ -239,7 +245,12 @@ def load_part(path: Path) -> LayerResult:
         meta = handle.metadata()
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     result = LayerResult(info=json.loads(meta["info"]))
-    for module, (bits, group, sym) in json.loads(meta["specs"]).items():
+    for module, spec in json.loads(meta["specs"]).items():
+        if spec[0] == "kgrid":
+            result.quantized[module] = KGridWeight(*(tensors[f"{module}::k{f}"] for f in ("codes", "d", "dmin", "sc",
+                                                                                           "mn")), spec[1])
+            continue
+        bits, group, sym = spec
         result.quantized[module] = QuantizedWeight(
             tensors[f"{module}::codes"], tensors[f"{module}::scale"], tensors.get(f"{module}::zero"),
             QuantSpec(bits, group, sym), tensors.get(f"{module}::g_idx"))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from infopt.errors import InfoptError
+from infopt.quant import kgrid
 from infopt.quant.driver import LayerContext, LayerResult
 from infopt.quant.methods import INTEGER, CalibratedRun, IntegerScheme, Method, option
 from infopt.quant.precision import fast_fp32_products
@@ -106,6 +107,8 @@ def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor,
 class _GroupParams:
     """Scale and zero point per group, filled as GPTQ reaches each group's first column."""
 
+    fit_width = None  # columns fitted at once: the group
+
     def __init__(self, out_features: int, groups: int, spec: QuantSpec, dtype: torch.dtype, device,
                  min_zero_offset: int = 0):
         self.spec = spec
@@ -126,6 +129,49 @@ class _GroupParams:
         zero = self.zero[:, group].float() if self.zero is not None else torch.zeros_like(scale)
         return scale, zero
 
+    def quantize(self, group: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, dequantized values) of one column on its group's grid."""
+        scale, zero = self.column(group)
+        q = torch.clamp(torch.round(values / scale) + zero, self.spec.qmin, self.spec.qmax)
+        return q, (q - zero) * scale
+
+    def result(self, codes: torch.Tensor, g_idx: torch.Tensor | None):
+        return QuantizedWeight(codes.cpu(), self.scale.cpu(), None if self.zero is None else self.zero.cpu(),
+                               self.spec, None if g_idx is None else g_idx.cpu())
+
+
+class _KGridParams:
+    """The K-quant grid (infopt.quant.kgrid): each super-block of 256 columns is fitted when GPTQ reaches it, from
+    the columns' current (already error-corrected) values, and its 6-bit sub-block steps and offsets are the ones
+    the file stores, so every column is rounded against exactly the grid that is written."""
+
+    fit_width = kgrid.SUPER
+
+    def __init__(self, out_features: int, in_features: int, device, nmax: int = 15):
+        supers = in_features // kgrid.SUPER
+        self.nmax = nmax
+        self.d = torch.zeros(out_features, supers, device=device)
+        self.dmin = torch.zeros(out_features, supers, device=device)
+        self.sc = torch.zeros(out_features, supers, 8, device=device)
+        self.mn = torch.zeros(out_features, supers, 8, device=device)
+
+    def fit(self, index: int, columns: torch.Tensor) -> None:
+        sc, mn, d, dmin = kgrid.fit(columns[:, : kgrid.SUPER], self.nmax)
+        self.sc[:, index], self.mn[:, index] = sc, mn
+        self.d[:, index], self.dmin[:, index] = d.reshape(-1), dmin.reshape(-1)
+
+    def quantize(self, group: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index, sub = divmod(group, 8)
+        step = self.d[:, index] * self.sc[:, index, sub]
+        offset = self.dmin[:, index] * self.mn[:, index, sub]
+        inverse = torch.where(step == 0, torch.zeros_like(step), 1 / step)
+        q = torch.clamp(kgrid.round_half_away((values + offset) * inverse), 0, self.nmax)
+        return q, step * q - offset
+
+    def result(self, codes: torch.Tensor, g_idx: torch.Tensor | None):
+        return kgrid.KGridWeight(codes.to(torch.uint8).cpu(), self.d.cpu(), self.dmin.cpu(),
+                                 self.sc.to(torch.uint8).cpu(), self.mn.to(torch.uint8).cpu(), self.nmax)
+
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, config: GPTQConfig = GPTQConfig(),
                   storage: Storage = Storage()) -> GPTQResult:
@@ -143,12 +189,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     w[:, dead] = 0
 
     group_size = in_f if spec.group_size == -1 else spec.group_size
-    params = _GroupParams(out_f, spec.num_groups(in_f), spec, scale_dtype, device, storage.min_zero_offset)
+    if storage.grid is not None:
+        if spec.group_size != kgrid.SUB or in_f % kgrid.SUPER:
+            raise InfoptError(f"the {storage.grid} grid needs groups of 32 and rows of a multiple of 256 values")
+        params = _KGridParams(out_f, in_f, device)
+    else:
+        params = _GroupParams(out_f, spec.num_groups(in_f), spec, scale_dtype, device, storage.min_zero_offset)
+    fit_width = params.fit_width or group_size
     if spec.group_size == -1:
         params.fit(0, w)
     elif config.static_groups:
-        for g in range(in_f // group_size):
-            params.fit(g, w[:, g * group_size : (g + 1) * group_size])
+        for g in range(in_f // fit_width):
+            params.fit(g, w[:, g * fit_width : (g + 1) * fit_width])
 
     perm = torch.argsort(h.diagonal(), descending=True) if config.act_order else torch.arange(in_f, device=device)
     if config.act_order:
@@ -172,16 +224,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         for i in range(end - start):
             column = start + i
             group = position_group_list[column]
-            if dynamic_groups and column % group_size == 0:
+            if dynamic_groups and column % fit_width == 0:
                 # the group's current values: updated ones inside this block, pending ones beyond it
-                inside = block[:, i : i + group_size]
-                beyond = w[:, end : column + group_size]
-                params.fit(group, torch.cat([inside, beyond], dim=1) if beyond.numel() else inside)
-            scale, zero = params.column(group)
+                inside = block[:, i : i + fit_width]
+                beyond = w[:, end : column + fit_width]
+                params.fit(group if params.fit_width is None else column // fit_width,
+                           torch.cat([inside, beyond], dim=1) if beyond.numel() else inside)
             values = block[:, i]
-            q = torch.clamp(torch.round(values / scale) + zero, spec.qmin, spec.qmax)
+            q, dequantized = params.quantize(group, values)
             codes[:, column] = q.to(torch.int8)
-            err = (values - (q - zero) * scale) / u_block[i, i]
+            err = (values - dequantized) / u_block[i, i]
             block[:, i:].sub_(err.unsqueeze(1) * u_block[i, i:].unsqueeze(0))
             errors[:, i] = err
         w[:, end:].sub_(errors @ upper[start:end, end:])
@@ -191,8 +243,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         codes = codes[:, inverse]
         position_group = position_group[inverse]
     g_idx = position_group.to(torch.int32) if config.act_order and dynamic_groups else None
-    result = QuantizedWeight(codes.cpu(), params.scale.cpu(), None if params.zero is None else params.zero.cpu(),
-                             spec, None if g_idx is None else g_idx.cpu())
+    result = params.result(codes, g_idx)
     return GPTQResult(result, damp, int(dead.sum()), output_error(weight, result.dequantize(), original_h))
 
 
@@ -243,9 +294,13 @@ class GPTQMethod:
         for weight in weights:
             rows = slice(row, row + weight.shape[0])
             w = stacked.weight
-            part = QuantizedWeight(w.codes[rows].clone(), w.scale[rows].clone(),
-                                   None if w.zero is None else w.zero[rows].clone(), w.spec,
-                                   None if w.g_idx is None else w.g_idx.clone())
+            if isinstance(w, kgrid.KGridWeight):
+                part = kgrid.KGridWeight(w.codes[rows].clone(), w.d[rows].clone(), w.dmin[rows].clone(),
+                                         w.sc[rows].clone(), w.mn[rows].clone(), w.nmax)
+            else:
+                part = QuantizedWeight(w.codes[rows].clone(), w.scale[rows].clone(),
+                                       None if w.zero is None else w.zero[rows].clone(), w.spec,
+                                       None if w.g_idx is None else w.g_idx.clone())
             error = output_error(weight, part.dequantize(), hessian)
             outs.append(GPTQResult(part, stacked.damp, stacked.dead_columns, error))
             row += weight.shape[0]
@@ -266,4 +321,4 @@ def _same_spec_batches(group: list) -> list[list]:
 
 METHOD = Method("gptq", "GPTQ (Frantar et al. 2022): Hessian-guided rounding, layer by layer", GPTQConfig, INTEGER,
                 "compressed-tensors", calibrated=True,
-                factory=lambda config, storage, adapter: GPTQMethod(config, storage))
+                factory=lambda config, storage, adapter: GPTQMethod(config, storage), grids=("Q4_K",))

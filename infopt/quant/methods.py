@@ -116,6 +116,7 @@ class Method:
     default_format: str
     calibrated: bool
     factory: Callable[[Any, Storage, Any], Any]
+    grids: tuple[str, ...] = ()  # fixed grids (Storage.grid) the method can quantize against, e.g. GGUF's "Q4_K"
 
     def options(self) -> dict[str, dataclasses.Field]:
         return {f.name: f for f in dataclasses.fields(self.config)}

@@ -24,6 +24,7 @@ class Storage:
     # lowest storable zero point, counted from qmin (GPTQ v1 stores zero - 1, so it cannot hold qmin)
     min_zero_offset: int = 0
     g_idx: bool = False  # a per-column group index (act-order without static groups)
+    grid: str | None = None  # a fixed grid the format stores (GGUF's "Q4_K": infopt.quant.kgrid); None: integer groups
 
 
 @dataclass(frozen=True, kw_only=True)

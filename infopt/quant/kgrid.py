@@ -1,0 +1,123 @@
+"""The K-quant grid (ggml's Q4_K): super-blocks of 256 values in 8 sub-blocks of 32, each sub-block with a step and
+an offset that are 6-bit multiples of two fp16 super-scales: x = (d * sc) * q - (dmin * mn), q in 0..15.
+
+A grid a method can quantize against (GPTQ on the grid stores exactly what it optimized), and the rounding the
+GGUF writer uses from full precision. The fitting is infopt's own: weighted least squares over candidate roundings
+for each sub-block, then the 6-bit rounding of the sub-block scales and mins under their super-scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPER = 256
+SUB = 32
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf (ggml's nearest_int for the values it sees): halves away from zero."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def affine_search(x: torch.Tensor, w: torch.Tensor, nmax: int, steps: int = 20,
+                   nonnegative_min: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best (scale, min) per block for x = scale * q - min, q in [0, nmax], by weighted least squares over candidate
+    roundings. The K-quant grids store a non-negative min (nonnegative_min); Q4_1/Q5_1 store any."""
+    lo = x.min(dim=1, keepdim=True).values
+    lo = lo.clamp_max(0) if nonnegative_min else lo
+    hi = x.max(dim=1, keepdim=True).values
+    span = (hi - lo).clamp_min(1e-30)
+    best_scale, best_min = span / nmax, -lo
+    best_err = torch.full_like(lo, float("inf"))
+    sw = w.sum(dim=1, keepdim=True)
+    for step in range(steps + 1):
+        iscale = (nmax - 1.0 + 0.1 * step) / span
+        q = torch.clamp(round_half_away((x - lo) * iscale), 0, nmax)
+        # minimize sum w (scale q - min' - x)^2 over scale and min'; min' = -offset
+        sq, sx = (w * q).sum(1, keepdim=True), (w * x).sum(1, keepdim=True)
+        sqq, sqx = (w * q * q).sum(1, keepdim=True), (w * q * x).sum(1, keepdim=True)
+        det = sw * sqq - sq * sq
+        scale = torch.where(det > 0, (sw * sqx - sq * sx) / det.clamp_min(1e-30), best_scale)
+        offset = torch.where(det > 0, (sqq * sx - sq * sqx) / det.clamp_min(1e-30), lo)
+        if nonnegative_min:  # x = scale q - min with min = -offset >= 0
+            offset = offset.clamp_max(0)
+            scale = torch.where(offset == 0, sqx / sqq.clamp_min(1e-30), scale)
+        scale = scale.clamp_min(0)
+        err = (w * (scale * q + offset - x).pow(2)).sum(dim=1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_min = torch.where(better, -offset, best_min)
+    return best_scale, best_min
+
+
+def importance_weights(x: torch.Tensor, imatrix: torch.Tensor | None, size: int) -> torch.Tensor:
+    """The importance weights of [rows * cols / size, size] blocks of x, tiling the per-column imatrix."""
+    w = (x.pow(2).mean(dim=1, keepdim=True) + x.pow(2)).sqrt()
+    if imatrix is not None:
+        w = w * imatrix.reshape(-1, size).repeat(x.shape[0] // (imatrix.numel() // size), 1)
+    return w
+
+
+def super_scales(scale: torch.Tensor, minimum: torch.Tensor):
+    """Sub-block scales and mins [n, 8] -> their 6-bit codes under fp16 super-scales d, dmin (ggml's Q4_K/Q5_K
+    grid: sc = round(63 * scale / max scale))."""
+    max_scale = scale.amax(dim=1, keepdim=True)
+    max_min = minimum.amax(dim=1, keepdim=True)
+    inv_scale = torch.where(max_scale > 0, 63 / max_scale.clamp_min(1e-30), torch.zeros_like(max_scale))
+    inv_min = torch.where(max_min > 0, 63 / max_min.clamp_min(1e-30), torch.zeros_like(max_min))
+    sc = torch.clamp(round_half_away(inv_scale * scale), 0, 63)
+    mn = torch.clamp(round_half_away(inv_min * minimum), 0, 63)
+    d = (max_scale / 63).to(torch.float16).to(torch.float32)
+    dmin = (max_min / 63).to(torch.float16).to(torch.float32)
+    return sc, mn, d, dmin
+
+
+def grid_codes(x: torch.Tensor, d, dmin, sc, mn, nmax: int) -> torch.Tensor:
+    """Codes of x [rows, cols] on a K-quant grid given its stored super-scales and 6-bit sub-scales: every value is
+    rounded against exactly the step and offset the file will hold."""
+    rows, cols = x.shape
+    step = (d.reshape(-1, 1) * sc.reshape(-1, 8)).reshape(-1, 1)
+    offset = (dmin.reshape(-1, 1) * mn.reshape(-1, 8)).reshape(-1, 1)
+    sub = x.to(torch.float32).reshape(-1, SUB)
+    inv = torch.where(step == 0, torch.zeros_like(step), 1 / step)
+    return torch.clamp(round_half_away((sub + offset) * inv), 0, nmax).reshape(rows, cols)
+
+
+def fit(x: torch.Tensor, nmax: int = 15, imatrix: torch.Tensor | None = None):
+    """(sc, mn, d, dmin) of x [rows, cols] (cols a multiple of 256): per super-block d, dmin [rows * cols/256, 1],
+    per sub-block sc, mn [rows * cols/256, 8]."""
+    sub = x.to(torch.float32).reshape(-1, SUB)
+    scale, minimum = affine_search(sub, importance_weights(sub, imatrix, SUB), nmax)
+    return super_scales(scale.reshape(-1, 8), minimum.reshape(-1, 8))
+
+
+@dataclass
+class KGridWeight:
+    """A weight on the K-quant grid: codes 0..nmax and the grid's stored scales, as the file holds them."""
+
+    codes: torch.Tensor  # uint8 [out, in]
+    d: torch.Tensor  # fp32 (fp16-exact) [out, in / 256]
+    dmin: torch.Tensor  # fp32 (fp16-exact) [out, in / 256]
+    sc: torch.Tensor  # uint8 [out, in / 256, 8]
+    mn: torch.Tensor  # uint8 [out, in / 256, 8]
+    nmax: int = 15
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def steps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sub-block step and offset, [out, in / 32]."""
+        rows = self.codes.shape[0]
+        step = (self.d.unsqueeze(-1) * self.sc.to(torch.float32)).reshape(rows, -1)
+        offset = (self.dmin.unsqueeze(-1) * self.mn.to(torch.float32)).reshape(rows, -1)
+        return step, offset
+
+    def dequantize(self) -> torch.Tensor:
+        rows, cols = self.codes.shape
+        step, offset = self.steps()
+        q = self.codes.to(torch.float32).reshape(rows, -1, SUB)
+        return (step.unsqueeze(-1) * q - offset.unsqueeze(-1)).reshape(rows, cols)

@@ -192,10 +192,10 @@ def section(stories: Path, bench_model: Path, work: Path, threads: int = 2) -> l
                 ("bench-llama", bench_model, "wikitext2", str(ROOT.parent / "shared/data/wikitext-2-tokens/valid.txt"),
                  ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"], 32, 512)]
     for name, source, dataset, calib, types, windows, seq_len in subjects:
-        q, t = subject_rows(name, source, dataset, calib, types, work / name, threads, windows, seq_len)
+        q, t = subject_rows(name, source, dataset, calib, types, work / f"gguf-{name}", threads, windows, seq_len)
         quality += q
         timing += t
-    bench_dir = work / "bench-llama"
+    bench_dir = work / "gguf-bench-llama"
     decode = ["| model | file | llama.cpp tok/s | infopt run tok/s | ratio |", "| --- | --- | ---: | ---: | ---: |"]
     decode += decode_rows("bench-llama", {"Q8_0 (infopt RTN)": bench_dir / "bench-llama-infopt-Q8_0.gguf",
                                           "Q4_0 (infopt GPTQ)": bench_dir / "bench-llama-infopt-gptq-Q4_0.gguf",
@@ -210,7 +210,12 @@ def section(stories: Path, bench_model: Path, work: Path, threads: int = 2) -> l
         "on both sides. Perplexity: the same windows scored by llama.cpp's own logits and by `infopt eval`'s reader;",
         "the two columns agreeing is the check that both read the file the same way. GPTQ calibrates on text the",
         "scored windows do not contain for the bench model (WikiText-2 valid vs test); for stories260K the only",
-        "stories text is also the scored one.",
+        "stories text is also the scored one. infopt's files are about 20 KB larger: they embed the original",
+        "tokenizer.json and the source config. Where infopt loses: Q4_0 on the bench model (GPTQ's symmetric scale",
+        "absmax / 7.5 against ggml's signed maximum / -8, which puts the largest value on a level; infopt's searched",
+        "RTN scale lowers the weight MSE yet not this model's perplexity), the time to write (a whole Python command",
+        "against an in-process call on an already converted file), and decode speed (per-token overhead on a 5M",
+        "model; K-quants run dense).",
         "",
         *quality,
         "",

@@ -22,14 +22,14 @@ from infopt.device import resolve_device
 from infopt.errors import InfoptError
 from infopt.eval.gates import QualityGates
 from infopt.eval.perplexity import default_batch_size, default_seq_len, evaluate
-from infopt.formats import artifact
+from infopt.formats import artifact, gguf
 from infopt.formats.writers import OutputFormat, output_format
 from infopt.formats.safetensors_io import ShardedWriter, check_safetensors, iter_tensors
 from infopt.models import llama2c
 from infopt.models.adapters import adapter_for
 from infopt.models.loading import ModelDir, load_causal_lm, load_state_dict, load_tokenizer, open_model, text_config
-from infopt.paths import (atomic_output_dir, check_output_target, inputs_overlap, keep_for_resume,
-                          release_for_resume)
+from infopt.paths import (atomic_output_dir, atomic_output_files, check_output_target, inputs_overlap,
+                          keep_for_resume, release_for_resume)
 from infopt.models.streaming import LayerStream
 from infopt.quant.driver import LayerResult, iter_results, load_part, part_path, prepare_work_dir, run_layers
 from infopt.quant.methods import FOUR_BIT, MethodConfig, config_values
@@ -59,7 +59,6 @@ def convert_gguf(src: str, out: Path, *, gguf_type: str | None = None, force: bo
     """Between GGUF and the folder formats: a checkpoint folder (full precision, compressed-tensors, GPTQ, AWQ)
     -> FILE.gguf, with every quantized linear whose grid a ggml block holds written without re-rounding; a GGUF
     file -> a Hugging Face folder of dequantized safetensors with its embedded tokenizer."""
-    from infopt.formats import gguf
     from infopt.formats.registry import read_quantized
 
     model = open_model(src, allow_pickle)
@@ -91,25 +90,22 @@ def convert_gguf(src: str, out: Path, *, gguf_type: str | None = None, force: bo
         file_type = max(counts, key=counts.get) if counts else "F16"
     else:
         file_type = gguf.resolve_file_type(gguf_type)
-    rows = gguf.plan_model(items(), config=model.config, adapter=adapter, file_type=file_type)
-    report = {"source": src, "out": str(out), "direction": "to gguf", "gguf_type": file_type, "tensors": rows,
-              "exact": sum(r["how"] == "exact" for r in rows),
+    report = {"source": src, "out": str(out), "direction": "to gguf", "gguf_type": file_type,
               "quantized_linears": len(quantized), "dry_run": dry_run}
     if dry_run:
-        return report
+        rows = gguf.plan_model(items(), config=model.config, adapter=adapter, file_type=file_type)
+        return {**report, "tensors": rows, "exact": sum(r["how"] == "exact" for r in rows)}
     if out.suffix != ".gguf":
         raise InfoptError(f"--out {out}: a GGUF output is one file, named *.gguf")
-    from infopt.paths import atomic_output_files
-
     name = out.name.removesuffix(".gguf")
-    settings = {"converted from": model.quant_method or "full precision", "format": "gguf",
-                "gguf type": file_type, "stored exactly": f"{report['exact']} of {len(quantized)} quantized linears"}
+    settings = {"converted from": model.quant_method or "full precision", "format": "gguf", "gguf type": file_type}
     with atomic_output_files(out, [out.name + ".md"], force) as tmp:
-        gguf.write_model(tmp / out.name, items(), config=model.config, adapter=adapter, tokenizer_dir=model.path,
-                         file_type=file_type, name=name, provenance=settings)
+        written = gguf.write_model(tmp / out.name, items(), config=model.config, adapter=adapter,
+                                   tokenizer_dir=model.path, file_type=file_type, name=name, provenance=settings)
+        report.update(tensors=written.tensors, exact=written.count("exact"))
+        settings["stored exactly"] = f"{report['exact']} of {len(quantized)} quantized linears"
         artifact.write_model_card(tmp, {"name": name, "source": Path(src).name if Path(src).exists() else src,
-                                        "settings": settings, "loader": "gguf"})
-        (tmp / "README.md").rename(tmp / (out.name + ".md"))
+                                        "settings": settings, "loader": "gguf"}, out.name + ".md")
     report["output_bytes"] = out.stat().st_size
     return report
 
@@ -119,11 +115,9 @@ def _gguf_to_folder(model: ModelDir, out: Path, force: bool, dry_run: bool) -> d
     from infopt.formats.registry import read_dense_state_dict
 
     header = read_header(model.path)
-    types: dict[str, int] = {}
-    for info in header.tensors.values():
-        types[info.type] = types.get(info.type, 0) + 1
+    types = gguf.tensor_type_counts(header)
     report = {"source": str(model.path), "out": str(out), "direction": "to a Hugging Face folder",
-              "types": dict(sorted(types.items())), "dry_run": dry_run,
+              "types": types, "dry_run": dry_run,
               "note": "every tensor dequantized to float32 (exact values of the file's grid)"}
     if dry_run:
         return report
@@ -145,7 +139,7 @@ def _gguf_to_folder(model: ModelDir, out: Path, force: bool, dry_run: bool) -> d
             tokenizer.save_pretrained(str(tmp))
         artifact.write_model_card(tmp, {"name": out.name, "source": model.path.name,
                                         "settings": {"converted from": "gguf", "types": ", ".join(
-                                            f"{k} x{v}" for k, v in sorted(types.items()))}})
+                                            f"{k} x{v}" for k, v in types.items())}})
         artifact.write_manifest(tmp)
     return report
 
@@ -441,7 +435,7 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     fmt = output_format(req.format_name, req.entry)
     _check_request(req)
     gguf_type = _gguf_file_type(req) if fmt.single_file else None
-    k_grid = gguf_type is not None and req.entry.calibrated and gguf_type in _gguf_k_types()
+    k_grid = gguf_type is not None and req.entry.calibrated and gguf_type in gguf.K_GRID_TYPES
     if k_grid:  # the method quantizes on the K-quant grid the file stores (infopt.quant.kgrid)
         fmt = replace(fmt, storage=replace(fmt.storage, grid="Q4_K"))
     if gguf_type is not None and req.out is not None and req.out.suffix != ".gguf":
@@ -572,15 +566,8 @@ def _finish_work_dir(work_dir: Path | None) -> None:
 _GGUF_BY_GRID = {(8, True): "Q8_0", (4, True): "Q4_0", (4, False): "Q4_1"}
 
 
-def _gguf_k_types() -> tuple[str, ...]:
-    from infopt.formats.gguf import K_GRID_TYPES
-
-    return K_GRID_TYPES
-
-
 def _on_k_grid(plan: QuantPlan, model: ModelDir, file_type: str) -> QuantPlan:
     """Leave to the writer (full precision, rounded at their own type) the linears the mixture does not give Q4_K."""
-    from infopt.formats import gguf
     from infopt.quant.spec import PlanEntry
 
     adapter = adapter_for(text_config(model.config))
@@ -597,8 +584,6 @@ def _on_k_grid(plan: QuantPlan, model: ModelDir, file_type: str) -> QuantPlan:
 
 def _gguf_file_type(req: QuantizeRequest) -> str:
     """The GGUF file type of a request, checked against the method's grid before any work is done."""
-    from infopt.formats import gguf
-
     config = req.config
     grid = (getattr(config, "bits", None), getattr(config, "symmetric", None))
     if req.gguf_type is not None:
@@ -628,9 +613,6 @@ def _gguf_file_type(req: QuantizeRequest) -> str:
 def _write_gguf(req: QuantizeRequest, model: ModelDir, adapter, file_type: str, items, report: dict,
                 progress: Progress | None, imatrix: dict[str, torch.Tensor] | None = None) -> None:
     """One GGUF file and its model card (NAME.md beside it), each moved into place whole."""
-    from infopt.formats import gguf
-    from infopt.paths import atomic_output_files
-
     settings = {"method": req.method, "format": "gguf", "gguf type": file_type, "scheme": report["spec"]}
     if "calibration" in report:
         c = report["calibration"]
@@ -651,10 +633,8 @@ def _write_gguf(req: QuantizeRequest, model: ModelDir, adapter, file_type: str, 
             report["eval"] = metrics
         if req.gates is not None:
             report["gates"] = {"limits": dataclasses.asdict(req.gates), "failures": req.gates.failures(metrics)}
-        types: dict[str, int] = {}
-        for t in written.tensors:
-            types[t["type"]] = types.get(t["type"], 0) + 1
-        settings["tensor types"] = ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))
+        types = written.types()
+        settings["tensor types"] = ", ".join(f"{k} x{v}" for k, v in types.items())
         exact = written.count("exact")
         if req.entry.calibrated:
             settings["stored exactly"] = f"{exact} of {len(report['quantized'])} quantized linears"
@@ -663,8 +643,7 @@ def _write_gguf(req: QuantizeRequest, model: ModelDir, adapter, file_type: str, 
         artifact.write_model_card(tmp, {"name": name, "source": Path(req.model).name if Path(req.model).exists()
                                         else req.model, "settings": settings,
                                         "skipped": [s["module"] for s in report["skipped"]],
-                                        "metrics": _card_metrics(metrics), "loader": "gguf"})
-        (tmp / "README.md").rename(tmp / (req.out.name + ".md"))
+                                        "metrics": _card_metrics(metrics), "loader": "gguf"}, req.out.name + ".md")
     report["files"] = [req.out.name, req.out.name + ".md"]
 
 

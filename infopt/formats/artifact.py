@@ -28,8 +28,9 @@ def write_config(dst: Path, config: dict) -> None:
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def write_model_card(dst: Path, info: dict) -> None:
-    """A README.md stating how the checkpoint was made (no timestamps: outputs stay reproducible)."""
+def write_model_card(dst: Path, info: dict, filename: str = "README.md") -> None:
+    """A README.md (or `filename`, beside a single-file checkpoint) stating how the checkpoint was made (no
+    timestamps: outputs stay reproducible)."""
     lines = [
         "---",
         "tags: [infopt, quantized]",
@@ -53,7 +54,7 @@ def write_model_card(dst: Path, info: dict) -> None:
         lines += ["", "Load with llama.cpp (`llama-cli -m FILE`), llama-cpp-python or `infopt eval` / `infopt run`.", ""]
     else:
         lines += ["", "Load with `transformers` (needs `compressed-tensors`) or `infopt eval` / `infopt run`.", ""]
-    (dst / "README.md").write_text("\n".join(lines))
+    (dst / filename).write_text("\n".join(lines))
 
 
 def write_manifest(dst: Path) -> dict:

@@ -47,11 +47,7 @@ TYPES = {t.name: t for t in (
     GGMLType("BF16", 30, 1, 2),
 )}
 BY_ID = {t.id: t for t in TYPES.values()}
-FLOAT_TYPES = ("F32", "F16", "BF16")
-
-
-def ggml_float_dtypes() -> dict[str, torch.dtype]:
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def row_bytes(type_name: str, columns: int) -> int:
@@ -290,8 +286,8 @@ def quantize(type_name: str, weight: torch.Tensor, imatrix: torch.Tensor | None 
     """A float [rows, cols] tensor -> [rows, bytes per row] uint8 in `type_name` (round to nearest on a searched
     grid). imatrix: float [cols], the mean of x^2 per input column over calibration text."""
     x = weight.to(torch.float32)
-    if type_name in ggml_float_dtypes():
-        return x.to(ggml_float_dtypes()[type_name]).contiguous().view(torch.uint8).reshape(*x.shape[:-1], -1)
+    if type_name in FLOAT_TYPES:
+        return x.to(FLOAT_TYPES[type_name]).contiguous().view(torch.uint8).reshape(*x.shape[:-1], -1)
     rows, cols = x.shape
     t = TYPES[type_name]
     row_bytes(type_name, cols)

@@ -10,6 +10,7 @@ int8 -> Q8_0. Every tensor whose bytes are not exactly the method's grid is repo
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,8 +207,6 @@ def _rope(text: dict) -> tuple[float, dict | None]:
 def _llama3_factors(text: dict, scaling: dict) -> torch.Tensor:
     """Llama 3.1's frequency scaling as llama.cpp takes it: one divisor per rotary frequency (the rope_freqs
     tensor), from Meta's reference formula (factor, low/high frequency factors, original context)."""
-    import math
-
     head_dim = int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
     theta, _ = _rope(text)
     factor = float(scaling["factor"])
@@ -296,6 +295,12 @@ class WriteReport:
     def count(self, how: str) -> int:
         return sum(1 for t in self.tensors if t["how"] == how)
 
+    def types(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.tensors:
+            counts[t["type"]] = counts.get(t["type"], 0) + 1
+        return dict(sorted(counts.items()))
+
 
 def _grid_type(w: QuantizedWeight) -> str | None:
     if w.g_idx is not None or (w.spec.group_size != -1 and w.spec.group_size % ggml.QK):
@@ -313,22 +318,45 @@ def _per_block(values: torch.Tensor, spec: QuantSpec, columns: int) -> torch.Ten
     return values.repeat_interleave(width // ggml.QK, dim=1)
 
 
-def pack_grid(w: QuantizedWeight, type_name: str) -> tuple[torch.Tensor, bool]:
-    """A method's integer grid as ggml blocks; the flag says whether every value is exactly the method's."""
+def _grid_scales(w: QuantizedWeight, type_name: str):
+    """Per-block d (and m for Q4_1) of a method's grid, and whether they are exactly the method's (fp16-exact)."""
     columns = w.codes.shape[1]
     scale = _per_block(w.scale.to(torch.float32), w.spec, columns)
     d = scale.to(torch.float16).to(torch.float32)
     exact = bool(torch.equal(d, scale))
-    if type_name == "Q4_0":
-        return ggml.pack_q4_0(w.codes, d), exact
-    if type_name == "Q8_0":
-        return ggml.pack_q8_0(w.codes, d), exact
+    if type_name != "Q4_1":
+        return d, None, exact
     # Q4_1: x = d * n + m with n = code + 8 in 0..15, so m = -scale * (8 + zero)
-    zero = _per_block(w.zero.to(torch.float32), w.spec, columns)
-    m = -scale * (8 + zero)
+    m = -scale * (8 + _per_block(w.zero.to(torch.float32), w.spec, columns))
     m16 = m.to(torch.float16).to(torch.float32)
-    exact = exact and bool(torch.equal(m16, m))
-    return ggml.pack_q4_1(w.codes.to(torch.int16) + 8, d, m16), exact
+    return d, m16, exact and bool(torch.equal(m16, m))
+
+
+def pack_grid(w: QuantizedWeight, type_name: str) -> torch.Tensor:
+    """A method's integer grid as ggml blocks (scales rounded to fp16 where they are not already)."""
+    d, m, _ = _grid_scales(w, type_name)
+    if type_name == "Q4_0":
+        return ggml.pack_q4_0(w.codes, d)
+    if type_name == "Q8_0":
+        return ggml.pack_q8_0(w.codes, d)
+    return ggml.pack_q4_1(w.codes.to(torch.int16) + 8, d, m)
+
+
+def _placed(items, adapter, names: "_Names", tied: bool):
+    """(HF name, GGUF name, value in llama.cpp's layout, layer or None) of every tensor the file holds: the tied
+    lm_head and persisted rotary buffers are left out, q/k rows permuted, 1 + w norms offset."""
+    for hf_name, value in items:
+        if hf_name.endswith("rotary_emb.inv_freq") or (hf_name == f"{adapter.lm_head}.weight" and tied):
+            continue
+        gguf_name = names.to_gguf.get(hf_name)
+        if gguf_name is None:
+            raise InfoptError(f"tensor {hf_name} has no place in a {adapter.gguf.arch} GGUF file")
+        if hf_name in names.permuted:
+            value = _permute_weight(value, names.permuted[hf_name])
+        if adapter.norm_offset and gguf_name.endswith("norm.weight"):
+            value = value.to(torch.float32) + adapter.norm_offset  # llama.cpp multiplies by the weight itself
+        match = re.match(r"blk\.(\d+)\.", gguf_name)
+        yield hf_name, gguf_name, value, int(match.group(1)) if match else None
 
 
 def write_model(path: Path, items: Iterable[tuple[str, object]], *, config: dict, adapter, tokenizer_dir: Path,
@@ -365,20 +393,7 @@ def write_model(path: Path, items: Iterable[tuple[str, object]], *, config: dict
         for key, tensor in extra.items():
             writer.add_tensor(key, tuple(tensor.shape), "F32", tensor)
             report.tensors.append({"name": key, "type": "F32", "shape": list(tensor.shape), "how": "metadata"})
-        for hf_name, value in items:
-            if hf_name.endswith("rotary_emb.inv_freq"):
-                continue
-            if hf_name == f"{adapter.lm_head}.weight" and tied:
-                continue
-            gguf_name = names.to_gguf.get(hf_name)
-            if gguf_name is None:
-                raise InfoptError(f"tensor {hf_name} has no place in a {arch} GGUF file")
-            if hf_name in names.permuted:
-                value = _permute_weight(value, names.permuted[hf_name])
-            if adapter.norm_offset and gguf_name.endswith("norm.weight"):
-                value = value.to(torch.float32) + adapter.norm_offset  # llama.cpp multiplies by the weight itself
-            match = re.match(r"blk\.(\d+)\.", gguf_name)
-            layer = int(match.group(1)) if match else None
+        for hf_name, gguf_name, value, layer in _placed(items, adapter, names, tied):
             _add(writer, report, gguf_name, value, file_type, layer, layers, tied,
                  None if imatrix is None else imatrix.get(hf_name))
         writer.close()
@@ -398,7 +413,7 @@ def decide(name: str, value, file_type: str, layer: int | None, layers: int, tie
         rows, cols = value.shape
         grid = _grid_type(value)
         if grid is not None and cols % ggml.QK == 0:
-            exact = grid_is_exact(value, grid)
+            exact = _grid_scales(value, grid)[2]
             return grid, "exact" if exact else "grid, scales rounded to fp16", None
         how = f"re-rounded (its grid or {cols} columns fit no ggml block)"
     else:
@@ -412,17 +427,13 @@ def decide(name: str, value, file_type: str, layer: int | None, layers: int, tie
     return type_name, how, note
 
 
-def grid_is_exact(w: QuantizedWeight, type_name: str) -> bool:
-    return pack_grid(w, type_name)[1]
-
-
 def _add(writer: GGUFWriter, report: WriteReport, name: str, value, file_type: str, layer: int | None,
          layers: int, tied: bool, importance: torch.Tensor | None) -> None:
     type_name, how, note = decide(name, value, file_type, layer, layers, tied, importance is not None)
     if isinstance(value, KGridWeight):
         data, shape = ggml.pack_q4_k(value.codes, value.d, value.dmin, value.sc, value.mn), value.shape
     elif isinstance(value, QuantizedWeight) and how in ("exact", "grid, scales rounded to fp16"):
-        data, _ = pack_grid(value, type_name)
+        data = pack_grid(value, type_name)
         shape = value.shape
     else:
         tensor = value.dequantize() if isinstance(value, QuantizedWeight) else value
@@ -443,15 +454,8 @@ def plan_model(items, *, config: dict, adapter, file_type: str, importance: bool
     layers = int(text["num_hidden_layers"])
     tied = bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
     rows = []
-    for hf_name, value in items:
-        if hf_name.endswith("rotary_emb.inv_freq") or (hf_name == f"{adapter.lm_head}.weight" and tied):
-            continue
-        gguf_name = names.to_gguf.get(hf_name)
-        if gguf_name is None:
-            raise InfoptError(f"tensor {hf_name} has no place in a {adapter.gguf.arch} GGUF file")
-        match = re.match(r"blk\.(\d+)\.", gguf_name)
-        kind, how, note = decide(gguf_name, value, file_type, int(match.group(1)) if match else None, layers, tied,
-                                 importance)
+    for hf_name, gguf_name, value, layer in _placed(items, adapter, names, tied):
+        kind, how, note = decide(gguf_name, value, file_type, layer, layers, tied, importance)
         rows.append({"name": gguf_name, "source": hf_name, "type": kind, "how": how,
                      **({"fallback": note} if note else {})})
     return rows
@@ -472,10 +476,10 @@ def _number(meta: dict, key: str, kind=int, default=None):
     return kind(value)
 
 
-def model_config(path: Path) -> dict:
+def model_config(path: Path, header=None) -> dict:
     """A config.json dict for a GGUF file: the source config infopt recorded, or one built from llama.cpp's
     keys for files from other writers. The file's tensors are checked against it when read."""
-    header = read_header(path)
+    header = header or read_header(path)
     meta = header.metadata
     arch = meta.get("general.architecture")
     recorded = meta.get("infopt.source_config")
@@ -529,8 +533,8 @@ def read_quantized(files: list[Path], qconfig: dict) -> tuple[dict[str, Quantize
     from infopt.models.loading import architecture_shapes, text_config
 
     path = files[0]
-    config = model_config(path)
     header = read_header(path)
+    config = model_config(path, header)
     adapter = adapter_for(text_config(config))
     text = text_config(config)
     names = _Names.build(adapter, text)
@@ -576,11 +580,9 @@ def _grid_weight(type_name: str, raw: torch.Tensor, rows: int, cols: int) -> Qua
     return QuantizedWeight(codes, d, None, QuantSpec(4, ggml.QK, True))
 
 
-def describe(path: Path) -> dict:
-    """Types and sizes of a GGUF file, for reports."""
-    header = read_header(path)
-    types: dict[str, int] = {}
+def tensor_type_counts(header) -> dict[str, int]:
+    """How many tensors of each ggml type a file holds."""
+    counts: dict[str, int] = {}
     for info in header.tensors.values():
-        types[info.type] = types.get(info.type, 0) + 1
-    return {"architecture": header.metadata.get("general.architecture"), "tensors": len(header.tensors),
-            "types": dict(sorted(types.items())), "bytes": path.stat().st_size}
+        counts[info.type] = counts.get(info.type, 0) + 1
+    return dict(sorted(counts.items()))

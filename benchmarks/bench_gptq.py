@@ -27,7 +27,7 @@ from infopt.workflows import CalibrationData, calibration_set, evaluate_checkpoi
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from llmc_env import ensure_llmc_python  # noqa: E402
+from peer_env import ensure_llmc_python  # noqa: E402
 
 
 @dataclass

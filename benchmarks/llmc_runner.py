@@ -1,9 +1,9 @@
 """Quantize one model with llm-compressor on given calibration windows, for side-by-side benchmarks.
 
-Run with the python of the llm-compressor venv (`python benchmarks/llmc_env.py` prints it), never
+Run with the python of the llm-compressor venv (`python benchmarks/peer_env.py llmc` prints it), never
 with infopt's own venv:
 
-    LLMC=$(python benchmarks/llmc_env.py)
+    LLMC=$(python benchmarks/peer_env.py llmc)
     $LLMC benchmarks/llmc_runner.py --model DIR --calib calib.safetensors --method gptq \\
         --bits 4 --group-size 128 --sym --actorder none --damp 0.01 --out OUT --threads 2
 

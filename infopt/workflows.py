@@ -32,9 +32,10 @@ from infopt.paths import (atomic_output_dir, atomic_output_files, check_output_t
                           keep_for_resume, release_for_resume)
 from infopt.models.streaming import LayerStream
 from infopt.quant.driver import LayerResult, iter_results, load_part, part_path, prepare_work_dir, run_layers
-from infopt.quant.methods import FOUR_BIT, MethodConfig, config_values
+from infopt.quant.methods import FOUR_BIT, CalibratedRun, MethodConfig, config_values
 from infopt.quant.precision import resolve_forward_dtype
-from infopt.quant.registry import get_method
+from infopt.quant.recovery import PerWeight, Recovery, RecoveryConfig
+from infopt.quant.registry import METHODS, get_method
 from infopt.quant.spec import QuantPlan, QuantSpec, build_plan, parse_override
 from infopt.quant.weights import Storage
 
@@ -211,6 +212,7 @@ class QuantizeRequest:
     max_shard_bytes: int = 5 * 10**9
     allow_pickle: bool = False
     calibration: CalibrationData | None = None  # calibrated methods only
+    recovery: RecoveryConfig | None = None  # block-wise recovery on top of the method (makes the run calibrated)
     evaluation: EvaluationSpec | None = None  # measured into the model card
     gates: QualityGates | None = None  # limits on the evaluation's figures (report["gates"]; the CLI exits 1)
     resume: bool = False
@@ -225,6 +227,19 @@ class QuantizeRequest:
         if not isinstance(self.config, self.entry.config):
             raise InfoptError(f"--method {self.method} takes {self.entry.config.__name__}, "
                               f"not {type(self.config).__name__}")
+        if self.recovery is not None and not self.entry.recoverable:
+            starts = ", ".join(m.name for m in METHODS.values() if m.recoverable)
+            raise InfoptError(f"--recover starts from {starts}; --method {self.method} is not one of them")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the run goes through the sequential driver on calibration windows."""
+        return self.entry.calibrated or self.recovery is not None
+
+    @property
+    def run_options(self) -> CalibratedRun:
+        """How the driver runs (device, forward dtype, activations): the method's, or defaults for RTN + recovery."""
+        return self.config if isinstance(self.config, CalibratedRun) else CalibratedRun()
 
     @property
     def format_name(self) -> str:
@@ -254,7 +269,7 @@ def plan_quantization(req: QuantizeRequest, model: ModelDir) -> QuantPlan:
     if req.include_lm_head:
         if fmt.decoder_layers_only:
             raise InfoptError(f"--format {fmt.name} cannot store a quantized lm_head")
-        if req.entry.calibrated:
+        if req.calibrated:
             raise InfoptError(f"--include-lm-head is not available with --method {req.method} "
                               "(calibrated methods quantize decoder layers; use a calibration-free method)")
         if tied:
@@ -264,7 +279,7 @@ def plan_quantization(req: QuantizeRequest, model: ModelDir) -> QuantPlan:
     if not shapes:
         raise InfoptError(f"{model.path}: none of the {adapter.name} linears were found in the weights")
     spec = req.config.spec()
-    if fmt.single_file and not req.entry.calibrated:
+    if fmt.single_file and not req.calibrated:
         spec = QuantSpec(4, 32, True)  # the GGUF writer rounds each tensor to its mixture's type; the plan lists them
     overrides = [parse_override(o, spec) for o in req.overrides]
     if req.entry.weights == FOUR_BIT and any(o is not None for _, o in overrides):
@@ -354,10 +369,11 @@ def _fingerprint(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, windows
                  storage: Storage) -> str:
     digest = hashlib.sha256()
     files = [(p.name, p.stat().st_size) for p in model.files]
-    config = req.config
+    config = req.run_options
     settings = {"model": str(model.path.resolve()), "files": files, "config": model.config, "method": req.method,
                 "plan": [(e.module, e.spec.describe() if e.spec else None) for e in plan.entries],
-                "options": config_values(config), "storage": str(storage), "fmt": req.format_name,
+                "options": config_values(req.config), "storage": str(storage), "fmt": req.format_name,
+                "recovery": None if req.recovery is None else config_values(req.recovery),
                 "forward_dtype": str(resolve_forward_dtype(config.forward_dtype, req.method,
                                                            resolve_device(config.device)))}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -371,7 +387,7 @@ def _run_calibrated(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, fmt:
         for _ in _checked_tensors(model, False):  # one read of the weights, before any work folder exists
             pass
     windows = req.windows if req.windows is not None else calibration_set(req.calibration, model)
-    config = req.config
+    config = req.run_options
     work_dir = work_dir_for(req.out)
     existed = work_dir.exists()
     try:
@@ -383,7 +399,12 @@ def _run_calibrated(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, fmt:
     keep_for_resume(work_dir)  # an interrupted run keeps its finished layers for --resume
     try:
         stream = LayerStream(model, torch.float32, resolve_device(config.device))
-        method = req.entry.factory(config, fmt.storage, stream.adapter)
+        method = req.entry.factory(req.config, fmt.storage, stream.adapter)
+        if not req.entry.calibrated:
+            method = PerWeight(method, req.method)
+        if req.recovery is not None:
+            seed = req.calibration.seed if req.calibration is not None else 0
+            method = Recovery(method, req.recovery, fmt.storage, seed)
         specs = {e.module: e.spec for e in plan.quantized}
         forward_dtype = resolve_forward_dtype(config.forward_dtype, req.method, str(stream.device))
         timing = run_layers(stream, windows, specs, method, work_dir, done, config.activation_torch_dtype(),
@@ -401,20 +422,29 @@ def _run_calibrated(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, fmt:
                                "seq_len": int(windows.shape[1]), "seed": calibration.seed},
                "device": str(stream.device), "forward_dtype": str(forward_dtype or torch.float32).removeprefix("torch."),
                **timing, "layer_info": info, "notes": _scale_notes(info)}
+    if req.recovery is not None:
+        details["recovery"] = {"options": config_values(req.recovery), "describe": req.recovery.describe(),
+                               "layers": [{"layer": name, **entry["recovery"]} for name, entry in info.items()
+                                          if "recovery" in entry]}
     return work_dir, details
 
 
 def _check_request(req: QuantizeRequest) -> None:
     """Refuse what the chosen method would silently ignore, or could not run without."""
-    if req.entry.calibrated:
+    if req.calibrated:
         if req.calibration is None and req.windows is None:
-            raise InfoptError(f"--method {req.method} needs calibration text: pass --calib (e.g. wikitext2)")
-        resolve_device(req.config.device)
+            who = "--recover" if not req.entry.calibrated else f"--method {req.method}"
+            raise InfoptError(f"{who} needs calibration text: pass --calib (e.g. wikitext2)")
+        resolve_device(req.run_options.device)
     elif req.resume or (req.calibration is not None and req.format_name != "gguf"):
         raise InfoptError(f"--method {req.method} needs no calibration; drop --calib/--calib-*/--resume"
                           + (" (with --format gguf, --calib gives an importance matrix)" if not req.resume else ""))
     if req.gates is not None and req.evaluation is None:
         raise InfoptError("quality gates need an evaluation (datasets to measure on)")
+    if req.recovery is not None and req.gguf_type is not None and gguf.resolve_file_type(req.gguf_type) in \
+            gguf.K_GRID_TYPES:
+        raise InfoptError(f"--recover learns integer group grids; the {req.gguf_type} K-quant grid is not one yet "
+                          f"(use --gguf-type Q4_0, Q4_1 or Q8_0)")
 
 
 def _scale_notes(info: dict[str, dict]) -> list[str]:
@@ -435,7 +465,7 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     fmt = output_format(req.format_name, req.entry)
     _check_request(req)
     gguf_type = _gguf_file_type(req) if fmt.single_file else None
-    k_grid = gguf_type is not None and req.entry.calibrated and gguf_type in gguf.K_GRID_TYPES
+    k_grid = gguf_type is not None and req.calibrated and gguf_type in gguf.K_GRID_TYPES
     if k_grid:  # the method quantizes on the K-quant grid the file stores (infopt.quant.kgrid)
         fmt = replace(fmt, storage=replace(fmt.storage, grid="Q4_K"))
     if gguf_type is not None and req.out is not None and req.out.suffix != ".gguf":
@@ -465,9 +495,12 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
         "expected_linear_bytes": _expected_bytes(req, plan, dtype_bytes),
         "source_linear_bytes": sum(o * i for o, i in (e.shape for e in plan.entries)) * dtype_bytes,
     }
+    if req.recovery is not None:  # the layers' errors come with the run
+        report["recovery"] = {"options": config_values(req.recovery), "describe": req.recovery.describe(),
+                              "layers": []}
     if gguf_type is not None:
         report["gguf_type"] = gguf_type
-        if not req.entry.calibrated:
+        if not req.calibrated:
             report["spec"] = f"GGUF {gguf_type} (each tensor rounded to its type by the writer)"
     if req.dry_run:
         return report
@@ -480,10 +513,10 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
     record = replace(req.config.record(req.method, fmt.storage), compute_dtype=_source_dtype(model))
     report["record"] = {k: str(v).removeprefix("torch.") if k == "compute_dtype" else v
                         for k, v in dataclasses.asdict(record).items()}
-    if req.entry.calibrated:
+    if req.calibrated:
         work_dir, details = _run_calibrated(req, model, plan, fmt, progress)
         report.update(details)
-        errors = {m: i["output_error"] for m, i in details["layer_info"].items()}
+        errors = {m: i["output_error"] for m, i in details["layer_info"].items() if "output_error" in i}
         report["error_metric"] = "rel. output MSE"
         items = _calibrated_items(model, work_dir, adapter)
     elif gguf_type is not None:  # GGUF from full precision: the writer rounds each tensor to its mixture type
@@ -536,6 +569,8 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
             c = report["calibration"]
             settings["calibration"] = f"{c['source']}: {c['samples']} windows x {c['seq_len']} tokens, seed {c['seed']}"
             settings["threads"] = f"{report['threads']} (the same inputs, seed and thread count give the same bytes)"
+        if "recovery" in report:
+            settings["recovery"] = _recovery_setting(report["recovery"])
         (tmp / artifact.RECIPE).write_text(request_recipe(req))
         artifact.write_model_card(tmp, {
             "name": req.name or req.out.name,
@@ -543,6 +578,7 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
             "settings": settings,
             "skipped": [e.module for e in plan.skipped],
             "metrics": _card_metrics(metrics),
+            "recovery": report.get("recovery", {}).get("layers"),
             "recipe": True,
         })
         artifact.write_manifest(tmp)
@@ -593,7 +629,7 @@ def _gguf_file_type(req: QuantizeRequest) -> str:
     else:
         raise InfoptError(f"int{grid[0]} {'sym' if grid[1] else 'asym'} has no GGUF block; pass --gguf-type "
                           f"({', '.join(gguf.FILE_TYPES)})")
-    if req.entry.calibrated:
+    if req.calibrated:
         spec = gguf.grid_spec(file_type, config.group_size, req.entry.grids)
         if file_type in gguf.K_GRID_TYPES and config.group_size != spec.group_size:
             raise InfoptError(f"--gguf-type {file_type}: on the K-quant grid a group is a sub-block of 32 values "
@@ -618,6 +654,8 @@ def _write_gguf(req: QuantizeRequest, model: ModelDir, adapter, file_type: str, 
         c = report["calibration"]
         settings["calibration"] = (f"{c['source']}: {c['samples']} windows x {c['seq_len']} tokens, seed {c['seed']}"
                                    + (" (importance matrix)" if imatrix is not None else ""))
+    if "recovery" in report:
+        settings["recovery"] = _recovery_setting(report["recovery"])
     name = req.name or req.out.name.removesuffix(".gguf")
     with atomic_output_files(req.out, [req.out.name + ".md"], req.force) as tmp:
         written = gguf.write_model(tmp / req.out.name, items, config=model.config, adapter=adapter,
@@ -636,15 +674,23 @@ def _write_gguf(req: QuantizeRequest, model: ModelDir, adapter, file_type: str, 
         types = written.types()
         settings["tensor types"] = ", ".join(f"{k} x{v}" for k, v in types.items())
         exact = written.count("exact")
-        if req.entry.calibrated:
+        if req.calibrated:
             settings["stored exactly"] = f"{exact} of {len(report['quantized'])} quantized linears"
         fallbacks = [f"{t['name']}: {t['fallback']}" for t in written.tensors if "fallback" in t]
         report["gguf"] = {"tensors": written.tensors, "types": types, "fallbacks": fallbacks}
         artifact.write_model_card(tmp, {"name": name, "source": Path(req.model).name if Path(req.model).exists()
                                         else req.model, "settings": settings,
                                         "skipped": [s["module"] for s in report["skipped"]],
-                                        "metrics": _card_metrics(metrics), "loader": "gguf"}, req.out.name + ".md")
+                                        "metrics": _card_metrics(metrics), "loader": "gguf",
+                                        "recovery": report.get("recovery", {}).get("layers")}, req.out.name + ".md")
     report["files"] = [req.out.name, req.out.name + ".md"]
+
+
+def _recovery_setting(recovery: dict) -> str:
+    layers = recovery["layers"]
+    kept = sum(entry["kept"] == "recovered" for entry in layers)
+    return (f"block-wise, {recovery['describe']}; learned result kept in {kept} of {len(layers)} layers "
+            "(the base result where it was not better)")
 
 
 def _card_metrics(metrics: dict[str, dict]) -> list[dict]:

@@ -26,6 +26,18 @@ TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="Run custom 
 DTYPE = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16 or float16.")
 
 
+def _recovery_option(name: str):
+    """A --recover-* flag from the recovery config's field (infopt.quant.recovery)."""
+    import dataclasses
+
+    from infopt.quant.recovery import RecoveryConfig
+
+    f = next(f for f in dataclasses.fields(RecoveryConfig) if f.name == name)
+    default = "1/steps" if name == "lr" else f.default
+    return typer.Option(None, f.metadata["flag"], help=f"{f.metadata['help']} (default {default}; with --recover)",
+                        show_default=False, rich_help_panel="Recovery options")
+
+
 def _version(value: bool) -> None:
     if value:
         out_console.print(f"infopt {__version__}")
@@ -116,6 +128,15 @@ def _quantize(
     allow_pickle: bool = ALLOW_PICKLE,
     allow_non_finite: bool = typer.Option(False, "--allow-non-finite", help="Quantize weights that hold NaN/Inf "
                                           "(refused by default, naming the tensor)."),
+    recover: bool = typer.Option(False, "--recover", rich_help_panel="Recovery options", help="Block-wise recovery "
+                                 "after the method (rtn, gptq or awq): learn each layer's rounding offsets and group "
+                                 "scales/zero points against the full-precision layer's output on the calibration "
+                                 "windows (AutoRound-style signed gradient descent; needs --calib)."),
+    recover_steps: Optional[int] = _recovery_option("steps"),
+    recover_lr: Optional[float] = _recovery_option("lr"),
+    recover_batch: Optional[int] = _recovery_option("batch"),
+    recover_optimizer: Optional[str] = _recovery_option("optimizer"),
+    recover_learn: Optional[str] = _recovery_option("learn"),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     **method_options,
 ) -> None:
@@ -125,7 +146,16 @@ def _quantize(
     from infopt.quant.registry import get_method
     from infopt.workflows import CalibrationData, EvaluationSpec, QuantizeRequest, quantize as run
 
+    recovery_given = {"steps": recover_steps, "lr": recover_lr, "batch": recover_batch,
+                      "optimizer": recover_optimizer, "learn": recover_learn}
+    recovery_given = {k: v for k, v in recovery_given.items() if v is not None}
+    if recovery_given and not recover:
+        flags = ", ".join("--recover-" + k for k in recovery_given)
+        raise InfoptError(f"{flags} set the recovery phase; add --recover (or drop them)")
     if recipe is not None:
+        if recover:
+            raise InfoptError("--recipe gives the model and every method option; drop --recover and its options "
+                              "(a recipe artifact takes a recover: section)")
         given = {"model": model, "method": method, "ignore": ignore, "override": override,
                  "include_lm_head": include_lm_head, "fmt": fmt, "gguf_type": gguf_type, "max_shard_size": max_shard_size, "calib": calib,
                  "calib_samples": calib_samples, "calib_seq_len": calib_seq_len, "seed": seed,
@@ -136,7 +166,7 @@ def _quantize(
         if model is None:
             raise InfoptError("give MODEL (a folder or hub id) or --recipe FILE")
         method = method or "rtn"
-        if gguf_type is not None and fmt == "gguf" and get_method(method).calibrated:
+        if gguf_type is not None and fmt == "gguf" and (get_method(method).calibrated or recover):
             from infopt.formats.gguf import grid_spec, resolve_file_type
 
             from infopt.cli.method_options import FLAGS
@@ -153,7 +183,8 @@ def _quantize(
         calib_given = {"--calib": calib, "--calib-samples": calib_samples, "--calib-seq-len": calib_seq_len,
                        "--seed": seed, "--text-field": text_field, "--resume": resume or None}
         importance = fmt == "gguf" and not resume  # --calib gives GGUF's RTN an importance matrix
-        if not get_method(method).calibrated and not importance and any(v is not None for v in calib_given.values()):
+        calibrated = get_method(method).calibrated or recover
+        if not calibrated and not importance and any(v is not None for v in calib_given.values()):
             given = ", ".join(k for k, v in calib_given.items() if v is not None)
             raise InfoptError(f"--method {method} needs no calibration; drop {given}")
         described = {k: v for k, v in calib_given.items() if k not in ("--calib", "--resume") and v is not None}
@@ -168,8 +199,14 @@ def _quantize(
         if eval_max_windows is not None and eval_dataset is None:
             raise InfoptError("--eval-max-windows needs --eval")
         evaluation = EvaluationSpec(datasets=(eval_dataset,), max_windows=eval_max_windows) if eval_dataset else None
+        recovery = None
+        if recover:
+            from infopt.quant.methods import build_config
+            from infopt.quant.recovery import RecoveryConfig
+
+            recovery = build_config(RecoveryConfig, recovery_given, owner="recover")
         req = QuantizeRequest(model=model, out=out, method=method, config=config, fmt=fmt, gguf_type=gguf_type,
-                              ignore=list(ignore),
+                              recovery=recovery, ignore=list(ignore),
                               overrides=list(override), include_lm_head=include_lm_head, force=force, dry_run=dry_run,
                               max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle,
                               calibration=calibration, evaluation=evaluation, resume=resume,
@@ -188,6 +225,7 @@ def _quantize(
         if dry_run:
             return
         _print_damp_notes(report)
+        _print_recovery(report)
         out_console.print(f"wrote {report['out']} ({human_bytes(report['output_bytes'])}, {report['seconds']:.1f} s)")
         for metrics in report.get("eval", {}).values():
             _print_eval(metrics)
@@ -237,6 +275,17 @@ def _print_damp_notes(report: dict) -> None:
             warn(f"{module}: {info['dead_columns']} input columns never active in calibration (quantized as zero)")
 
 
+def _print_recovery(report: dict) -> None:
+    if not report.get("recovery", {}).get("layers"):
+        return
+    table = Table(title=f"block-wise recovery: {report['recovery']['describe']}")
+    for column in ("layer", "output error before", "after", "kept", "seconds"):
+        table.add_column(column, justify="left" if column in ("layer", "kept") else "right")
+    for e in report["recovery"]["layers"]:
+        table.add_row(e["layer"], f"{e['loss_before']:.3e}", f"{e['loss_after']:.3e}", e["kept"], f"{e['seconds']:.1f}")
+    out_console.print(table)
+
+
 def _print_gguf(report: dict) -> None:
     """A GGUF file's tensors by type (and how each got there): llama-quantize prints the same per tensor."""
     table = Table(title=f"{report['method']} -> gguf {report['gguf_type']}  ({report['spec']})")
@@ -255,7 +304,8 @@ def _print_plan(report: dict) -> None:
     if "gguf" in report:
         _print_gguf(report)
         return
-    table = Table(title=f"{report['method']} -> {report['format']}  ({report['spec']})")
+    recover = " + block-wise recovery" if "recovery" in report else ""
+    table = Table(title=f"{report['method']}{recover} -> {report['format']}  ({report['spec']})")
     for column in ("module", "shape", "scheme"):
         table.add_column(column)
     errors = report.get("errors", {})

@@ -48,10 +48,19 @@ def write_model_card(dst: Path, info: dict, filename: str = "README.md") -> None
     for row in info.get("metrics") or []:
         lines += ["", f"## Measured quality on {row['dataset']}", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {key} | {value} |" for key, value in row.items() if key != "dataset"]
+    if info.get("recovery"):
+        lines += ["", "## Block-wise recovery", "",
+                  "Relative layer output error (sum of squared differences to the full-precision layer's output over "
+                  "sum of its squares) on the calibration windows, before and after learning:", "",
+                  "| layer | before | after | kept |", "| --- | ---: | ---: | --- |"]
+        lines += [f"| {e['layer']} | {e['loss_before']:.4e} | {e['loss_after']:.4e} | {e['kept']} |"
+                  for e in info["recovery"]]
     if info.get("recipe"):
-        lines += ["", f"Made by the recipe in `{RECIPE}`: `infopt quantize --recipe {RECIPE} --out DIR` makes it again."]
+        lines += ["", f"Made by the recipe in `{RECIPE}`: `infopt quantize --recipe {RECIPE} --out DIR` makes it "
+                  "again."]
     if info.get("loader") == "gguf":
-        lines += ["", "Load with llama.cpp (`llama-cli -m FILE`), llama-cpp-python or `infopt eval` / `infopt run`.", ""]
+        lines += ["", "Load with llama.cpp (`llama-cli -m FILE`), llama-cpp-python or `infopt eval` / `infopt run`.",
+                  ""]
     else:
         lines += ["", "Load with `transformers` (needs `compressed-tensors`) or `infopt eval` / `infopt run`.", ""]
     (dst / filename).write_text("\n".join(lines))

@@ -303,4 +303,4 @@ class AWQMethod:
 
 METHOD = Method("awq", "AWQ (Lin et al. 2023): activation-aware channel scales and clipping, layer by layer",
                 AWQConfig, INTEGER, "compressed-tensors", calibrated=True,
-                factory=lambda config, storage, adapter: AWQMethod(adapter, config, storage))
+                factory=lambda config, storage, adapter: AWQMethod(adapter, config, storage), recoverable=True)

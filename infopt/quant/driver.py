@@ -81,9 +81,11 @@ class LayerContext:
 
     def __init__(self, index: int, layer: nn.Module, groups: list[list[Linear]], inputs: ActivationStore,
                  kwargs: dict, device: torch.device, dtype: torch.dtype, micro_batch: int,
-                 attention: tuple[str, str] | None = None, cache_file: Path | None = None,
-                 forward_dtype: torch.dtype | None = None):
+                 attention: tuple[str, str] | None = None, scratch_dir: Path | None = None,
+                 forward_dtype: torch.dtype | None = None, prefix: str = "", progress: Progress | None = None):
         self.index = index
+        self.prefix = prefix  # the layer's module name ("model.layers.3")
+        self.progress = progress
         self.layer = layer
         self.groups = groups
         self.inputs = inputs
@@ -97,8 +99,15 @@ class LayerContext:
         if attention is not None:
             modules = dict(layer.named_modules())
             self._attention, self._attention_out = modules.get(attention[0]), modules.get(attention[1])
-        self._cache_file = cache_file
+        self._scratch_dir = scratch_dir
+        self._cache_file = self.scratch("attention.npy")
         self._verified = False
+        # kept by set_quantized while keep_reference is on (block-wise recovery starts from them), per linear: the
+        # full-precision weight as the layer had it just before (AWQ's scaled one), and the values the method
+        # rounded to get its codes (GPTQ's error-corrected columns; otherwise that same weight)
+        self.keep_reference = False
+        self.rounded_from: dict[str, torch.Tensor] = {}
+        self.reference: dict[str, torch.Tensor] = {}
         self._batch_start = 0
         self.attention_outcome: str | None = None  # "reused" or "rejected" once a replaced call was checked
         self.forward_dtype = forward_dtype  # matmuls of layer forwards in this dtype (autocast); None: as stored
@@ -114,10 +123,18 @@ class LayerContext:
             stack.enter_context(fp32_attention())
         return stack
 
+    def scratch(self, name: str) -> Path | None:
+        """Where a method may keep an activation-sized array on disk (None: keep it in memory)."""
+        return None if self._scratch_dir is None else self._scratch_dir / name
+
     @property
     def batch_start(self) -> int:
         """Index of the first window of the batch being run (for observers that keep some windows)."""
         return self._batch_start
+
+    def batches(self):
+        """(first window index, micro-batch of inputs on the device) over every calibration window."""
+        return self._batches()
 
     def _batches(self):
         for start in range(0, len(self.inputs), self.micro_batch):
@@ -188,8 +205,13 @@ class LayerContext:
         finally:
             attention.__dict__.pop("forward", None)
 
-    def set_quantized(self, linear: Linear, weight: QuantizedWeight) -> None:
-        """Make the layer compute with the dequantized weight from now on."""
+    def set_quantized(self, linear: Linear, weight: QuantizedWeight, rounded_from: torch.Tensor | None = None) -> None:
+        """Make the layer compute with the dequantized weight from now on. rounded_from: the values the method
+        rounded when they are not the module's current weight (GPTQ's error-corrected columns)."""
+        if self.keep_reference:
+            self.reference[linear.name] = linear.module.weight.data.detach().float().clone()
+            self.rounded_from[linear.name] = (self.reference[linear.name] if rounded_from is None
+                                              else rounded_from.float())
         linear.module.weight.data = weight.dequantize().to(self.device, self.dtype)
         if self._attention is not None and linear.module is not self._attention_out and any(
                 linear.module is m for m in self._attention.modules()):
@@ -326,8 +348,11 @@ def run_layers(stream: LayerStream, windows: torch.Tensor, specs: dict[str, Quan
                 groups.append(members)
         attention = (stream.adapter.attention, stream.adapter.attention_out)
         ctx = LayerContext(index, layer, groups, current, inputs.kwargs[index], stream.device, stream.dtype,
-                           micro_batch, attention, work_dir / "attention.npy" if offload else None, forward_dtype)
+                           micro_batch, attention, work_dir if offload else None, forward_dtype, prefix, progress)
         if index < done:
+            replay = getattr(method, "replay_layer", None)  # a method keeping state across layers catches up
+            if replay is not None:
+                replay(ctx)
             _apply(ctx, prefix, load_part(part_path(work_dir, index)))
         else:
             result = method.quantize_layer(ctx)
@@ -343,7 +368,7 @@ def run_layers(stream: LayerStream, windows: torch.Tensor, specs: dict[str, Quan
         timings.append(time.perf_counter() - layer_start)
         if progress:
             progress("layers", index + 1, stream.num_layers)
-    for name in ("act-a.npy", "act-b.npy", "attention.npy"):
+    for name in ("act-a.npy", "act-b.npy", "attention.npy", "target-0.npy", "target-1.npy"):
         (work_dir / name).unlink(missing_ok=True)
     return {"seconds": time.perf_counter() - start_time, "layer_seconds": timings, "resumed_layers": done,
             "threads": torch.get_num_threads(), "attention_reuse": reuse}

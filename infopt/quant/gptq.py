@@ -86,6 +86,7 @@ class GPTQResult:
     damp: float  # the dampening fraction finally used (raised when H was not positive definite)
     dead_columns: int
     output_error: float  # tr(E H E^T) / tr(W H W^T), E = W - Q: relative output MSE on the calibration set
+    rounded_from: torch.Tensor | None = None  # the error-corrected values each code was rounded from (keep_rounded)
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -174,7 +175,7 @@ class _KGridParams:
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, config: GPTQConfig = GPTQConfig(),
-                  storage: Storage = Storage()) -> GPTQResult:
+                  storage: Storage = Storage(), keep_rounded: bool = False) -> GPTQResult:
     """Quantize `weight` [out, in] given the Hessian [in, in] of its inputs."""
     out_f, in_f = weight.shape
     if not spec.fits(in_f):
@@ -215,6 +216,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
 
     upper, damp = _inverse_cholesky(h, config.damp)
     codes = torch.zeros(out_f, in_f, dtype=torch.int8, device=device)
+    rounded = torch.empty(out_f, in_f, device=device) if keep_rounded else None
     position_group_list = position_group.tolist()
     for start in range(0, in_f, config.block_size):
         end = min(start + config.block_size, in_f)
@@ -233,6 +235,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
             values = block[:, i]
             q, dequantized = params.quantize(group, values)
             codes[:, column] = q.to(torch.int8)
+            if rounded is not None:
+                rounded[:, column] = values
             err = (values - dequantized) / u_block[i, i]
             block[:, i:].sub_(err.unsqueeze(1) * u_block[i, i:].unsqueeze(0))
             errors[:, i] = err
@@ -241,10 +245,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     if config.act_order:
         inverse = torch.argsort(perm)
         codes = codes[:, inverse]
+        rounded = None if rounded is None else rounded[:, inverse]
         position_group = position_group[inverse]
     g_idx = position_group.to(torch.int32) if config.act_order and dynamic_groups else None
     result = params.result(codes, g_idx)
-    return GPTQResult(result, damp, int(dead.sum()), output_error(weight, result.dequantize(), original_h))
+    return GPTQResult(result, damp, int(dead.sum()), output_error(weight, result.dequantize(), original_h),
+                      None if rounded is None else rounded.cpu())
 
 
 def output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -274,22 +280,23 @@ class GPTQMethod:
             matrix = hessian.matrix()
             for batch in _same_spec_batches(group):
                 start = time.perf_counter()
-                outs = self._quantize_together([lin.module.weight.data for lin in batch], matrix, batch[0].spec)
+                outs = self._quantize_together([lin.module.weight.data for lin in batch], matrix, batch[0].spec,
+                                               ctx.keep_reference)
                 seconds = (time.perf_counter() - start) / len(batch)
                 for linear, out in zip(batch, outs):
-                    ctx.set_quantized(linear, out.weight)
+                    ctx.set_quantized(linear, out.weight, out.rounded_from)
                     result.quantized[linear.name] = out.weight
                     result.info[linear.name] = {"output_error": out.output_error, "damp": out.damp,
                                                 "dead_columns": out.dead_columns, "seconds": seconds}
         return result
 
-    def _quantize_together(self, weights: list[torch.Tensor], hessian: torch.Tensor,
-                           spec: QuantSpec) -> list[GPTQResult]:
+    def _quantize_together(self, weights: list[torch.Tensor], hessian: torch.Tensor, spec: QuantSpec,
+                           keep_rounded: bool = False) -> list[GPTQResult]:
         """GPTQ treats rows independently given H, so linears sharing an input run as one stacked matrix (one
         column loop instead of several); the result is split back per linear."""
         if len(weights) == 1:
-            return [gptq_quantize(weights[0], hessian, spec, self.config, self.storage)]
-        stacked = gptq_quantize(torch.cat(weights), hessian, spec, self.config, self.storage)
+            return [gptq_quantize(weights[0], hessian, spec, self.config, self.storage, keep_rounded)]
+        stacked = gptq_quantize(torch.cat(weights), hessian, spec, self.config, self.storage, keep_rounded)
         outs, row = [], 0
         for weight in weights:
             rows = slice(row, row + weight.shape[0])
@@ -302,7 +309,8 @@ class GPTQMethod:
                                        None if w.zero is None else w.zero[rows].clone(), w.spec,
                                        None if w.g_idx is None else w.g_idx.clone())
             error = output_error(weight, part.dequantize(), hessian)
-            outs.append(GPTQResult(part, stacked.damp, stacked.dead_columns, error))
+            rounded = None if stacked.rounded_from is None else stacked.rounded_from[rows].clone()
+            outs.append(GPTQResult(part, stacked.damp, stacked.dead_columns, error, rounded))
             row += weight.shape[0]
         return outs
 
@@ -321,4 +329,5 @@ def _same_spec_batches(group: list) -> list[list]:
 
 METHOD = Method("gptq", "GPTQ (Frantar et al. 2022): Hessian-guided rounding, layer by layer", GPTQConfig, INTEGER,
                 "compressed-tensors", calibrated=True,
-                factory=lambda config, storage, adapter: GPTQMethod(config, storage), grids=("Q4_K",))
+                factory=lambda config, storage, adapter: GPTQMethod(config, storage), grids=("Q4_K",),
+                recoverable=True)

@@ -117,6 +117,7 @@ class Method:
     calibrated: bool
     factory: Callable[[Any, Storage, Any], Any]
     grids: tuple[str, ...] = ()  # fixed grids (Storage.grid) the method can quantize against, e.g. GGUF's "Q4_K"
+    recoverable: bool = False  # block-wise recovery (infopt.quant.recovery) can start from its integer result
 
     def options(self) -> dict[str, dataclasses.Field]:
         return {f.name: f for f in dataclasses.fields(self.config)}
@@ -126,19 +127,24 @@ class Method:
 
     def make_config(self, values: dict[str, Any], where: str = "") -> MethodConfig:
         """The config from option values by field name; refuses names the method does not have and wrong types."""
-        options = self.options()
-        for key, value in values.items():
-            if key not in options:
-                raise InfoptError(f"{where}{key}: not an option of method {self.name} "
-                                  f"(its options: {', '.join(options) or 'none'})")
-            _check_type(f"{where}{key}", value, option_type(self.config, key))
-        try:
-            return self.config(**values)
-        except InfoptError as exc:
-            if where:
-                field = getattr(exc, "field", None)
-                raise InfoptError(f"{where}{field}: {exc}" if field else f"{where.rstrip('.')}: {exc}") from None
-            raise
+        return build_config(self.config, values, where, f"method {self.name}")
+
+
+def build_config(config: type[MethodConfig], values: dict[str, Any], where: str = "", owner: str = "") -> MethodConfig:
+    """A config from option values by field name, refusing unknown names (naming `owner`'s options) and wrong types;
+    `where` prefixes every message (a recipe's field path)."""
+    options = {f.name for f in dataclasses.fields(config)}
+    for key, value in values.items():
+        if key not in options:
+            raise InfoptError(f"{where}{key}: not an option of {owner} (its options: {', '.join(options) or 'none'})")
+        _check_type(f"{where}{key}", value, option_type(config, key))
+    try:
+        return config(**values)
+    except InfoptError as exc:
+        if where:
+            field = getattr(exc, "field", None)
+            raise InfoptError(f"{where}{field}: {exc}" if field else f"{where.rstrip('.')}: {exc}") from None
+        raise
 
 
 def option_type(config: type, name: str) -> Any:

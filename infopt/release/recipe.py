@@ -23,7 +23,8 @@ from infopt.errors import InfoptError
 from infopt.eval.gates import QualityGates
 from infopt.formats.safetensors_io import parse_size
 from infopt.formats.writers import output_format
-from infopt.quant.methods import config_values
+from infopt.quant.methods import build_config, config_values
+from infopt.quant.recovery import RecoveryConfig
 from infopt.quant.registry import METHODS, get_method
 from infopt.quant.spec import parse_override
 
@@ -61,6 +62,7 @@ class ArtifactSection(_Closed):
     method: str
     format: str | None = None  # None: the method's usual format
     options: dict[str, Any] = Field(default_factory=dict)  # the method's own options (see `infopt methods`)
+    recover: dict[str, Any] | None = None  # block-wise recovery on top of the method (infopt.quant.recovery options)
     ignore: list[str] = Field(default_factory=list)
     overrides: list[str] = Field(default_factory=list)  # REGEX=BITS[:GROUP][:sym|asym] or REGEX=skip
     include_lm_head: bool = False
@@ -122,10 +124,15 @@ def _check_semantics(recipe: Recipe, source: str) -> None:
             parse_size(str(art.max_shard_size))
         except InfoptError as exc:
             raise InfoptError(f"{where}: {exc}") from None
-        if method.calibrated:
+        if art.recover is not None:
+            if not method.recoverable:
+                raise InfoptError(f"{where}.recover: recovery does not start from method {art.method}")
+            recovery_config(art, f"{where}.recover.")
+        if method.calibrated or art.recover is not None:
             calibrated.append(art.name)
             if recipe.calibration is None:
-                raise InfoptError(f"{where}: method {art.method} needs calibration data; add a calibration section "
+                needs = f"method {art.method}" if method.calibrated else "recover"
+                raise InfoptError(f"{where}: {needs} needs calibration data; add a calibration section "
                                   "(dataset, samples, seq_len, seed)")
         if (art.gates is not None or recipe.gates is not None) and recipe.evaluation is None:
             raise InfoptError(f"{where}: gates need an evaluation section (datasets to measure on)")
@@ -150,6 +157,10 @@ def load_recipe(path: Path) -> Recipe:
     return parse_recipe(data, str(path))
 
 
+def recovery_config(art: ArtifactSection, where: str = "") -> RecoveryConfig | None:
+    return None if art.recover is None else build_config(RecoveryConfig, art.recover, where, "recover")
+
+
 def gates_of(recipe: Recipe, art: ArtifactSection) -> QualityGates | None:
     own = QualityGates(**art.gates.model_dump()) if art.gates else None
     shared = QualityGates(**recipe.gates.model_dump()) if recipe.gates else None
@@ -163,7 +174,7 @@ def artifact_request(recipe: Recipe, art: ArtifactSection, out: Path | None, **r
 
     method = get_method(art.method)
     calibration = None
-    if method.calibrated and recipe.calibration is not None:
+    if (method.calibrated or art.recover is not None) and recipe.calibration is not None:
         calibration = CalibrationData(**recipe.calibration.model_dump())
     evaluation = None
     if recipe.evaluation is not None:
@@ -173,7 +184,7 @@ def artifact_request(recipe: Recipe, art: ArtifactSection, out: Path | None, **r
                            fmt=art.format, ignore=list(art.ignore), overrides=list(art.overrides),
                            include_lm_head=art.include_lm_head, max_shard_bytes=parse_size(str(art.max_shard_size)),
                            allow_pickle=recipe.allow_pickle, allow_non_finite=recipe.allow_non_finite,
-                           calibration=calibration, evaluation=evaluation,
+                           calibration=calibration, evaluation=evaluation, recovery=recovery_config(art),
                            gates=gates_of(recipe, art), **run)
 
 
@@ -194,6 +205,8 @@ def request_recipe(req) -> str:
                 "format": req.format_name, "options": config_values(req.config), "ignore": list(req.ignore),
                 "overrides": list(req.overrides), "include_lm_head": req.include_lm_head,
                 "max_shard_size": req.max_shard_bytes}
+    if req.recovery is not None:
+        artifact["recover"] = config_values(req.recovery)
     if req.gates is not None:
         artifact["gates"] = dataclasses.asdict(req.gates)
     data["artifacts"] = [artifact]

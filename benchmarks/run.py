@@ -31,7 +31,8 @@ TITLES = {"foundation": "RTN and packing (foundation)", "gptq": "GPTQ, AWQ, NF4/
           "memory": "Peak memory of the calibrated methods",
           "reliability": "Reliability: malformed inputs and faults",
           "gguf": "GGUF next to llama.cpp's own quantizer",
-          "recovery": "Block-wise recovery (--recover) next to GPTQ, AWQ and auto-round"}
+          "recovery": "Block-wise recovery (--recover) next to GPTQ, AWQ and auto-round",
+          "qat": "End-to-end QAT (infopt qat) on top of block-wise recovery"}
 BY_HAND = {"gpu": "written by hand from benchmarks/gpu_check.py and benchmarks/gpu_session.py on a CUDA machine"}
 
 
@@ -80,6 +81,11 @@ def run_section(name: str, work: Path, repeats: int) -> list[str]:
         from train_bench_model import ensure_bench_model
 
         return bench_recovery.section(ensure_bench_model(THREADS), _stories(work), work, THREADS)
+    if name == "qat":
+        import bench_recovery
+        from train_bench_model import ensure_bench_model
+
+        return bench_recovery.qat_section(ensure_bench_model(THREADS), work, THREADS)
     if name == "kernels":
         import bench_kernels
 

@@ -543,17 +543,8 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
                        "output_bytes": req.out.stat().st_size})
         return report
     with atomic_output_dir(req.out, req.force) as tmp:
-        writer = ShardedWriter(tmp, req.max_shard_bytes)
-        specs = fmt.write_weights(writer, items)
-        files = writer.close()
-        dense = [e.module for e in plan.skipped]
-        if adapter.lm_head not in specs:
-            dense.append(adapter.lm_head)
-        config = dict(model.config)
-        config["quantization_config"] = fmt.config(specs, dense, record)
-        artifact.write_config(tmp, config)
-        fmt.side_files(tmp, config["quantization_config"])
-        artifact.copy_side_files(model.path, tmp)
+        files, specs, dense = _write_weights_and_config(tmp, model, fmt, items, [e.module for e in plan.skipped],
+                                                        record, adapter, req.max_shard_bytes)
         metrics = {}
         if req.evaluation is not None:
             session = req.eval_session or EvalSession(model)
@@ -591,6 +582,23 @@ def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
         "errors": errors,
     })
     return report
+
+
+def _write_weights_and_config(tmp: Path, model: ModelDir, fmt: OutputFormat, items, dense: list[str],
+                              record, adapter, max_shard_bytes: int) -> tuple[list[str], dict, list[str]]:
+    """A checkpoint folder's weights, config.json (with the format's quantization_config) and side files."""
+    writer = ShardedWriter(tmp, max_shard_bytes)
+    specs = fmt.write_weights(writer, items)
+    files = writer.close()
+    dense = list(dense)
+    if adapter.lm_head not in specs:
+        dense.append(adapter.lm_head)
+    config = dict(model.config)
+    config["quantization_config"] = fmt.config(specs, dense, record)
+    artifact.write_config(tmp, config)
+    fmt.side_files(tmp, config["quantization_config"])
+    artifact.copy_side_files(model.path, tmp)
+    return files, specs, dense
 
 
 def _finish_work_dir(work_dir: Path | None) -> None:

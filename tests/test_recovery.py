@@ -255,3 +255,15 @@ def test_layer_target_and_adam_learn_too_and_offload_changes_nothing(tiny_llama,
     assert offloaded["recovery"]["layers"] == [dict(e, seconds=o["seconds"]) for e, o in
                                                zip(model["recovery"]["layers"], offloaded["recovery"]["layers"])]
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == (tmp_path / "o" / "model.safetensors").read_bytes()
+
+
+def test_methods_lists_the_recovery_options_and_where_it_starts():
+    done = run_cli("methods", "--json")
+    assert done.returncode == 0, done.stderr
+    listing = json.loads(done.stdout)
+    assert {n for n, m in listing.items() if m.get("recoverable")} == {"rtn", "gptq", "awq"}
+    options = listing["recover"]["options"]
+    assert options["steps"]["flag"] == "--recover-steps" and options["steps"]["default"] == 200
+    assert options["optimizer"]["default"] == "sign" and options["batch"]["default"] == 8
+    table = run_cli("methods")
+    assert table.returncode == 0 and "--recover-steps" in table.stdout

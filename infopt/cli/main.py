@@ -257,6 +257,88 @@ def _recipe_request(recipe: Path, out: Optional[Path], force: bool, dry_run: boo
     return artifact_request(parsed, parsed.artifacts[0], out, force=force, dry_run=dry_run, resume=resume)
 
 
+def _config_option(config, name: str, panel: str):
+    """A flag from a config class's field (its declared flag and help)."""
+    import dataclasses
+
+    f = next(f for f in dataclasses.fields(config) if f.name == name)
+    return typer.Option(None, f.metadata["flag"], help=f"{f.metadata['help']} (default {f.default})",
+                        show_default=False, rich_help_panel=panel)
+
+
+def _qat_option(name: str):
+    from infopt.quant.qat import QATConfig
+
+    return _config_option(QATConfig, name, "Training options")
+
+
+@app.command()
+def qat(
+    model: str = typer.Argument(..., help="The full-precision source model (folder or hub id): the distillation "
+                                "teacher and the weights' starting point."),
+    data: str = typer.Option(..., "--data", help="Training text: wikitext2, tinystories, a .txt/.jsonl/.parquet file "
+                             "or hf:NAME[:CONFIG][:SPLIT]. Its last 10% of tokens are held out for the checks."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    start: Optional[str] = typer.Option(None, "--start", help="A quantized checkpoint of MODEL to start from (e.g. "
+                                        "from `infopt quantize --method gptq --recover`); default: RTN of MODEL."),
+    bits: int = typer.Option(4, "--bits", help="RTN start: bits (2, 3, 4 or 8)."),
+    group_size: int = typer.Option(128, "--group-size", help="RTN start: inputs per scale (-1 per channel)."),
+    symmetric: bool = typer.Option(False, "--sym/--asym", help="RTN start: symmetric or with zero points."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="compressed-tensors, gptq or awq (default: the start's)."),
+    text_field: str = typer.Option("text", "--text-field", help="Field or column for .jsonl/.parquet/hf data."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier output (and any unfinished run)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last check."),
+    allow_pickle: bool = ALLOW_PICKLE,
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    train: Optional[str] = _qat_option("train"),
+    loss: Optional[str] = _qat_option("loss"),
+    steps: Optional[int] = _qat_option("steps"),
+    lr: Optional[float] = _qat_option("lr"),
+    weight_lr: Optional[float] = _qat_option("weight_lr"),
+    batch: Optional[int] = _qat_option("batch"),
+    seq_len: Optional[int] = _qat_option("seq_len"),
+    eval_every: Optional[int] = _qat_option("eval_every"),
+    eval_windows: Optional[int] = _qat_option("eval_windows"),
+    patience: Optional[int] = _qat_option("patience"),
+    seed: Optional[int] = _qat_option("seed"),
+) -> None:
+    """End-to-end quantization-aware training: fine-tune a quantized model's step sizes (or its weights too) with
+    its grid in the forward pass, against the full-precision model, and write it in a packed format."""
+    from infopt.finetune import QATRequest, qat as run
+    from infopt.quant.methods import build_config
+    from infopt.quant.qat import QATConfig
+    from infopt.quant.spec import QuantSpec
+
+    given = {"train": train, "loss": loss, "steps": steps, "lr": lr, "weight_lr": weight_lr, "batch": batch,
+             "seq_len": seq_len, "eval_every": eval_every, "eval_windows": eval_windows, "patience": patience,
+             "seed": seed}
+    config = build_config(QATConfig, {k: v for k, v in given.items() if v is not None}, owner="qat")
+    if start is not None and (bits, group_size, symmetric) != (4, 128, False):
+        raise InfoptError("--bits/--group-size/--sym describe the RTN start; with --start the checkpoint's grid is used")
+    if fmt is not None and fmt not in ("compressed-tensors", "gptq", "awq"):
+        raise InfoptError(f"--format {fmt}: qat writes compressed-tensors, gptq or awq")
+    req = QATRequest(model=model, data=data, out=out, start=start, spec=QuantSpec(bits, group_size, symmetric),
+                     config=config, fmt=fmt, text_field=text_field, device=device, force=force, resume=resume,
+                     allow_pickle=allow_pickle)
+    with progress_bar(not json_out) as progress:
+        report = run(req, progress)
+    if json_out:
+        print_json(report)
+        return
+    table = Table(title=f"qat from {report['start']}: held-out perplexity")
+    for column in ("step", "held-out ppl", "loss", "tokens/s"):
+        table.add_column(column, justify="right")
+    for h in report["history"]:
+        table.add_row(str(h["step"]), f"{h['held_out_ppl']:.4f}", f"{h.get('loss', float('nan')):.4f}",
+                      str(h.get("tokens_per_s", "")))
+    out_console.print(table)
+    if report["stopped"]:
+        warn(report["stopped"])
+    out_console.print(f"wrote {report['out']} (best check: step {report['best_step']}, held-out perplexity "
+                      f"{report['best_ppl']:.4f} from {report['start_ppl']:.4f}; {report['seconds']:.1f} s)")
+
+
 def _register_quantize() -> None:
     from infopt.cli.method_options import with_method_options
 
@@ -420,14 +502,21 @@ def methods(json_out: bool = typer.Option(False, "--json", help="Print one JSON 
 
     from infopt.quant.registry import METHODS
 
+    from infopt.quant.recovery import RecoveryConfig
+
+    def options(config) -> dict:
+        return {f.name: {"flag": f.metadata["flag"], "default": f.default, "help": f.metadata["help"]}
+                for f in dataclasses.fields(config)}
+
     listing = {name: {"summary": m.summary, "calibrated": m.calibrated, "weights": m.weights,
-                      "default_format": m.default_format,
-                      "options": {f.name: {"flag": f.metadata["flag"], "default": f.default, "help": f.metadata["help"]}
-                                  for f in dataclasses.fields(m.config)}}
+                      "default_format": m.default_format, "recoverable": m.recoverable, "options": options(m.config)}
                for name, m in METHODS.items()}
+    recovery = {"summary": "block-wise recovery (--recover; a recipe artifact's recover: section) on top of "
+                + ", ".join(n for n, m in METHODS.items() if m.recoverable), "options": options(RecoveryConfig)}
     if json_out:
-        print_json(listing)
+        print_json({**listing, "recover": recovery})
         return
+    listing["recover"] = {**recovery, "default_format": "the method's", "calibrated": True}
     for name, m in listing.items():
         table = Table(title=f"{name}: {m['summary']} (default format {m['default_format']}"
                             f"{', needs --calib' if m['calibrated'] else ''})", title_justify="left")

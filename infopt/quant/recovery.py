@@ -1,8 +1,8 @@
-"""Block-wise recovery: learn a layer's rounding and group parameters against its full-precision output.
+"""Block-wise recovery: learn a layer's rounding and group parameters against full-precision activations.
 
 After the base method (RTN, GPTQ or AWQ) has quantized a decoder layer on the sequential driver, the layer's
-quantization parameters are tuned so that the quantized layer's output matches the full-precision layer's on
-the calibration inputs, then rounded once and handed on as ordinary `QuantizedWeight`s (so every format writer
+quantization parameters are tuned so that the quantized layer's output matches the full-precision model's on
+the calibration windows, then rounded once and handed on as ordinary `QuantizedWeight`s (so every format writer
 takes them unchanged). Per linear, with W the values the base method rounded (GPTQ's error-corrected columns,
 AWQ's scaled weights, RTN's weights) and s0 / z0 its group scales / zero points, the learned parameters are
 
@@ -22,8 +22,9 @@ the mean squared error of the layer's output against the full-precision model's 
 layer running on the quantized model's inputs (AutoRound's default: each layer also corrects what the layers
 before it got wrong); `target="layer"` matches the full-precision layer on the same inputs instead.
 
-The tuned result replaces the base one only when its error over all calibration windows is not higher, so
-recovery never makes a layer worse on the data it sees. Memory: the layer, the quantized model's calibration
+The rounded parameters are scored over all calibration windows CHECKPOINTS times (half-way and at the end); the
+best replaces the base result only when its error is lower, so recovery never makes a layer worse on the data it
+sees. Memory: the layer, the quantized model's calibration
 activations and the full-precision model's (two more activation stores, on disk with --offload-activations):
 flat in depth.
 """

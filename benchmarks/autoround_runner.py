@@ -7,12 +7,12 @@ Run with the python of the auto-round venv (`python benchmarks/peer_env.py autor
         --iters 200 --batch 8 --out OUT --threads 2
 
 `--calib` holds one int64 tensor `input_ids` [N, L], the windows infopt calibrates on; they reach auto-round as
-token tensors (no tokenization, no resampling). auto-round runs with its defaults otherwise (on this CPU it tunes
-under bf16 autocast). The result is written as a plain full-precision Hugging Face folder holding exactly the
+token tensors (no tokenization, no resampling). auto-round runs with its defaults otherwise (on this CPU its tuned
+layers come back in bf16). The result is written as a plain full-precision Hugging Face folder holding exactly the
 weights a packed checkpoint would dequantize to, (q - zp) * scale with auto-round's stored fp16 scales and integer
-zero points (its "fake" export in 0.16 keeps the original weights, and its GPTQ export of asymmetric grids is
-not exact), so infopt's perplexity code scores it like any model. CPU only. The last stdout line is one JSON
-object.
+zero points, so infopt's perplexity code scores it like any model and no export path is in between (auto-round
+0.16.1's "fake" export writes the original weights back, measured here). CPU only. The last stdout line is one
+JSON object.
 """
 
 from __future__ import annotations

@@ -101,11 +101,13 @@ def test_reported_errors_are_the_written_checkpoints_and_beat_the_base_method(ti
     base = quantize(_request(tiny_llama, tmp_path / "base", method=method, recovery=None))
     report = quantize(_request(tiny_llama, tmp_path / "rec", method=method))
     first = report["recovery"]["layers"][0]
+    # recovery scores under bf16 autocast where bf16 is native (--recover-dtype auto): agreement to ~1e-3
     got = _layer0_error(tiny_llama, tmp_path / "rec", _windows())
-    assert got == pytest.approx(first["loss_after"], rel=1e-3)
-    assert first["loss_after"] < _layer0_error(tiny_llama, tmp_path / "base", _windows())
+    assert got == pytest.approx(first["loss_after"], rel=5e-3)
+    base_error = _layer0_error(tiny_llama, tmp_path / "base", _windows())
+    assert got < 0.9 * base_error
     # the starting point is the base method's result: its error is the one recovery starts from
-    assert first["loss_before"] == pytest.approx(_layer0_error(tiny_llama, tmp_path / "base", _windows()), rel=1e-3)
+    assert first["loss_before"] == pytest.approx(base_error, rel=5e-3)
     assert set(report["errors"]) == set(base["errors"])
     card = (tmp_path / "rec" / "README.md").read_text()
     assert "## Block-wise recovery" in card and "| model.layers.1 |" in card and "recovery | block-wise" in card

@@ -9,10 +9,7 @@ calibrate, quantize, write), 2 threads each, run one after another.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from infopt.workflows import CalibrationData, calibration_set, evaluate_checkpoi
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_gptq import _timed  # noqa: E402  (whole-command wall time, 2 threads, offline)
 from peer_env import ensure_python  # noqa: E402
 from synthetic import llama_config, make_synthetic_llama  # noqa: E402
 
@@ -39,18 +37,6 @@ class Subject:
     samples: int = 128
     seq_len: int = 512
     eval_windows: int = 128
-
-
-def _env(threads: int) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _timed(cmd: list[str], threads: int) -> tuple[float, str]:
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(threads))
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start, done.stdout
 
 
 def split_stories(work: Path) -> tuple[Path, Path]:

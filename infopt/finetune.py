@@ -29,6 +29,7 @@ from infopt.errors import InfoptError
 from infopt.eval.perplexity import evaluate
 from infopt.formats import artifact
 from infopt.formats.registry import read_quantized
+from infopt.formats.safetensors_io import iter_tensors
 from infopt.formats.writers import output_format
 from infopt.models.adapters import adapter_for
 from infopt.models.loading import ModelDir, load_causal_lm, load_tokenizer, open_model, text_config
@@ -65,8 +66,6 @@ def _start_weights(req: QATRequest, source: ModelDir, fmt) -> tuple[dict[str, Qu
 
         plan = plan_quantization(make_request(model=req.model, method="rtn", spec=req.spec, fmt=fmt.name), source)
         state = {}
-        from infopt.formats.safetensors_io import iter_tensors
-
         wanted = {e.module: e.spec for e in plan.quantized}
         for name, tensor in iter_tensors(source.files):
             module = name.removesuffix(".weight")
@@ -237,7 +236,7 @@ def qat(req: QATRequest, progress: Callable[[str, int, int], None] | None = None
         best = {k: v.detach().clone() for k, v in _tensors(modules).items()}
         _save(work, state, modules, optimizer, best)
     keep_for_resume(work)
-    tokens = seen = 0
+    seen = 0
     tick = time.perf_counter()
     step = state["step"]
     stopped = state.get("stopped")
@@ -260,8 +259,6 @@ def qat(req: QATRequest, progress: Callable[[str, int, int], None] | None = None
             module.clamp_()
         step += 1
         seen += batch.numel()
-        tokens += batch.numel()
-        state.setdefault("losses", []).append(loss.item())
         if progress:
             progress("qat steps", step, config.steps)
         if step % config.eval_every == 0 or step == config.steps:

@@ -26,16 +26,21 @@ TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="Run custom 
 DTYPE = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16 or float16.")
 
 
-def _recovery_option(name: str):
-    """A --recover-* flag from the recovery config's field (infopt.quant.recovery)."""
+def _config_option(config, name: str, panel: str, default=None):
+    """A flag from a config class's field (its declared flag and help); `default` words the default shown."""
     import dataclasses
 
+    f = next(f for f in dataclasses.fields(config) if f.name == name)
+    shown = f.default if default is None else default
+    return typer.Option(None, f.metadata["flag"], help=f"{f.metadata['help']} (default {shown})",
+                        show_default=False, rich_help_panel=panel)
+
+
+def _recovery_option(name: str):
+    """A --recover-* flag from the recovery config's field (infopt.quant.recovery)."""
     from infopt.quant.recovery import RecoveryConfig
 
-    f = next(f for f in dataclasses.fields(RecoveryConfig) if f.name == name)
-    default = "1/steps" if name == "lr" else f.default
-    return typer.Option(None, f.metadata["flag"], help=f"{f.metadata['help']} (default {default}; with --recover)",
-                        show_default=False, rich_help_panel="Recovery options")
+    return _config_option(RecoveryConfig, name, "Recovery options", "by optimizer" if name == "lr" else None)
 
 
 def _version(value: bool) -> None:
@@ -255,15 +260,6 @@ def _recipe_request(recipe: Path, out: Optional[Path], force: bool, dry_run: boo
         raise InfoptError(f"{recipe} declares {len(parsed.artifacts)} artifacts; quantize makes one "
                           "(use `infopt release` for several)")
     return artifact_request(parsed, parsed.artifacts[0], out, force=force, dry_run=dry_run, resume=resume)
-
-
-def _config_option(config, name: str, panel: str):
-    """A flag from a config class's field (its declared flag and help)."""
-    import dataclasses
-
-    f = next(f for f in dataclasses.fields(config) if f.name == name)
-    return typer.Option(None, f.metadata["flag"], help=f"{f.metadata['help']} (default {f.default})",
-                        show_default=False, rich_help_panel=panel)
 
 
 def _qat_option(name: str):

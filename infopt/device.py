@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -38,3 +40,24 @@ def fast_bf16(device: str) -> bool:
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported()
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+MAX_THREADS = 4096
+
+
+@contextlib.contextmanager
+def compute_threads(count: int | None) -> Iterator[int]:
+    """Run the block on `count` torch threads (None: the count the process has) and give the count used.
+
+    A checkpoint's last bits depend on the thread count its products ran on (their blocking changes with it), so
+    runs record it: a stored recipe and a resumed run compute on the recorded count whatever the machine gives."""
+    before = torch.get_num_threads()
+    if count is not None:
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_THREADS:
+            raise InfoptError(f"threads: {count!r} is not a thread count (1 to {MAX_THREADS})")
+        torch.set_num_threads(count)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

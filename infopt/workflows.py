@@ -18,7 +18,7 @@ import torch
 
 from infopt.calibration.sources import load_text
 from infopt.calibration.windows import calibration_windows, tokenize
-from infopt.device import resolve_device
+from infopt.device import compute_threads, resolve_device
 from infopt.errors import InfoptError
 from infopt.eval.gates import QualityGates
 from infopt.eval.perplexity import default_batch_size, default_seq_len, evaluate
@@ -219,6 +219,7 @@ class QuantizeRequest:
     allow_non_finite: bool = False  # quantize weights holding NaN/Inf instead of refusing them
     windows: torch.Tensor | None = None  # calibration windows made already (a release shares them)
     eval_session: "EvalSession | None" = None  # a baseline already loaded and scored (a release shares it)
+    threads: int | None = None  # torch threads to compute on (None: the process's); the stored recipe records it
 
     def __post_init__(self) -> None:
         self.entry = get_method(self.method)
@@ -459,7 +460,13 @@ def _scale_notes(info: dict[str, dict]) -> list[str]:
 
 
 def quantize(req: QuantizeRequest, progress: Progress | None = None) -> dict:
-    """Plan, quantize and write a checkpoint; with dry_run only the plan is returned."""
+    """Plan, quantize and write a checkpoint; with dry_run only the plan is returned. Runs on `req.threads` torch
+    threads (None: the process's count); the stored recipe records the count, so `--recipe` computes on it again."""
+    with compute_threads(req.threads):
+        return _quantize(req, progress)
+
+
+def _quantize(req: QuantizeRequest, progress: Progress | None) -> dict:
     from infopt.release.recipe import request_recipe
 
     fmt = output_format(req.format_name, req.entry)

@@ -161,9 +161,24 @@ def test_stored_recipes_reproduce_their_checkpoint_byte_for_byte(stories_hf, tmp
     assert run_cli("release", str(_recipe(tmp_path, stories_hf)), "--out", str(out)).returncode == 0
     for name in ("int8-rtn", "int4-gptq"):
         again = tmp_path / f"again-{name}"
-        result = run_cli("quantize", "--recipe", str(out / name / "infopt-recipe.yaml"), "--out", str(again))
+        stored = yaml.safe_load((out / name / "infopt-recipe.yaml").read_text())
+        # a machine (or process) with another thread count: the recipe's recorded count is computed on again
+        other = "1" if stored["threads"] != 1 else "2"
+        result = run_cli("quantize", "--recipe", str(out / name / "infopt-recipe.yaml"), "--out", str(again),
+                         env={"OMP_NUM_THREADS": other})
         assert result.returncode == 0, result.stderr
         assert _files(again) == _files(out / name), name
+    # --threads chooses the count; it is recorded (and stated in a calibrated checkpoint's card)
+    chosen = tmp_path / "chosen"
+    result = run_cli("quantize", "--recipe", str(out / "int4-gptq" / "infopt-recipe.yaml"), "--threads", "1",
+                     "--out", str(chosen))
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load((chosen / "infopt-recipe.yaml").read_text())["threads"] == 1
+    assert "| threads | 1 (" in (chosen / "README.md").read_text()
+    bad = run_cli("quantize", "--recipe", str(out / "int4-gptq" / "infopt-recipe.yaml"), "--threads", "0",
+                  "--out", str(tmp_path / "bad"))
+    assert_clean_failure(bad, "threads: 0 is not a thread count")
+    assert not (tmp_path / "bad").exists()
     # a checkpoint made with flags stores its recipe too, and that recipe makes it again
     flags = tmp_path / "flags"
     result = run_cli("quantize", str(stories_hf), "--method", "hqq", "--group-size", "32", "--hqq-iterations", "5",

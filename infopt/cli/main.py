@@ -107,6 +107,11 @@ def convert_llama2c(
         out_console.print(f"wrote {out} (dim {p['dim']}, {p['n_layers']} layers, vocab {p['vocab_size']})")
 
 
+def _threads_option(made: str):
+    return typer.Option(None, "--threads", help="Torch threads to compute on (default: the "
+                        f"machine's, or a stored recipe's). {made}'s last bits depend on it; its recipe records it.")
+
+
 def _quantize(
     model: Optional[str] = typer.Argument(None, help="Model folder or hub id (or give --recipe)."),
     method: Optional[str] = typer.Option(None, "--method", help="Quantization method (default rtn): "
@@ -142,6 +147,7 @@ def _quantize(
     recover_batch: Optional[int] = _recovery_option("batch"),
     recover_optimizer: Optional[str] = _recovery_option("optimizer"),
     recover_learn: Optional[str] = _recovery_option("learn"),
+    threads: Optional[int] = _threads_option("A checkpoint"),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     **method_options,
 ) -> None:
@@ -167,6 +173,8 @@ def _quantize(
                  "text_field": text_field, "eval_dataset": eval_dataset, "eval_max_windows": eval_max_windows,
                  "allow_pickle": allow_pickle, "allow_non_finite": allow_non_finite}
         req = _recipe_request(recipe, out, force, dry_run, resume, given, method_options)
+        if threads is not None:
+            req.threads = threads
     else:
         if model is None:
             raise InfoptError("give MODEL (a folder or hub id) or --recipe FILE")
@@ -215,7 +223,7 @@ def _quantize(
                               overrides=list(override), include_lm_head=include_lm_head, force=force, dry_run=dry_run,
                               max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle,
                               calibration=calibration, evaluation=evaluation, resume=resume,
-                              allow_non_finite=allow_non_finite)
+                              allow_non_finite=allow_non_finite, threads=threads)
     if not dry_run and out is None:
         raise InfoptError("--out is required unless --dry-run")
     with progress_bar(not json_out) as progress:
@@ -427,6 +435,7 @@ def release(
                                 "whose recipe entry and source are unchanged."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the recipe and print every artifact's plan; "
                                  "write nothing."),
+    threads: Optional[int] = _threads_option("Each artifact"),
     json_out: bool = typer.Option(False, "--json", help="Print release.json instead of the table."),
 ) -> None:
     """Build every artifact of a recipe, evaluate each against the source, apply the gates, write a release folder.
@@ -455,7 +464,7 @@ def release(
             err_console.print(f"{row['name']}: {state}", highlight=False)
 
     with progress_bar(not json_out) as progress:
-        result = build_release(recipe, out, force, resume, progress, done)
+        result = build_release(recipe, out, force, resume, progress, done, threads)
     if json_out:
         print_json(result)
     else:

@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
 import yaml
 
 from infopt import __version__
+from infopt.device import compute_threads
 from infopt.errors import InfoptError
 from infopt.models.loading import ModelDir, open_model
 from infopt.paths import check_output_target, inputs_overlap, keep_for_resume, release_for_resume, sha256_file
@@ -91,11 +93,21 @@ def plan_release(recipe_path: Path) -> list[dict]:
 
 
 def build_release(recipe_path: Path, out: Path, force: bool = False, resume: bool = False,
-                  progress: Progress | None = None, on_artifact: Callable[[dict], None] | None = None) -> dict:
-    """Build, evaluate and gate every artifact of a recipe into the folder `out`; returns release.json's content."""
+                  progress: Progress | None = None, on_artifact: Callable[[dict], None] | None = None,
+                  threads: int | None = None) -> dict:
+    """Build, evaluate and gate every artifact of a recipe into the folder `out`; returns release.json's content.
+    Everything runs on `threads`, else the recipe's (None: the process's count); each artifact's recipe records it."""
+    recipe = load_recipe(recipe_path)
+    if threads is not None:
+        recipe = recipe.model_copy(update={"threads": threads})
+    with compute_threads(recipe.threads):
+        return _build_release(recipe, Path(recipe_path), out, force, resume, progress, on_artifact)
+
+
+def _build_release(recipe: Recipe, recipe_path: Path, out: Path, force: bool, resume: bool,
+                   progress: Progress | None, on_artifact: Callable[[dict], None] | None) -> dict:
     from infopt.workflows import CalibrationData, EvalSession, calibration_set, quantize
 
-    recipe = load_recipe(recipe_path)
     out = Path(out)
     check_output_target(out, force)
     source = open_model(recipe.model, recipe.allow_pickle)
@@ -164,7 +176,7 @@ def _baseline_row(source: ModelDir, rows: list[dict]) -> dict:
 
 def _resolved_recipe(recipe: Recipe, requests: list) -> dict:
     """The recipe with every artifact's format, options and gates as its request resolved them: what was built."""
-    data = recipe.model_dump()
+    data = {**recipe.model_dump(), "threads": torch.get_num_threads()}
     for req, entry in zip(requests, data["artifacts"]):
         entry.update(format=req.format_name, options=config_values(req.config),
                      gates=None if req.gates is None else dataclasses.asdict(req.gates))
@@ -172,7 +184,6 @@ def _resolved_recipe(recipe: Recipe, requests: list) -> dict:
 
 
 def _versions() -> dict:
-    import torch
     import transformers
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,

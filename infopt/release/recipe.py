@@ -15,6 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -74,6 +75,9 @@ class Recipe(_Closed):
     model: str = Field(min_length=1)  # a model folder or a hub id
     allow_pickle: bool = False
     allow_non_finite: bool = False
+    # torch threads to compute on (None: the machine's). A checkpoint's last bits depend on it, so a stored recipe
+    # records the count it was made with and `quantize --recipe` computes on that count again
+    threads: int | None = Field(None, ge=1, le=4096)
     calibration: CalibrationSection | None = None
     evaluation: EvaluationSection | None = None
     gates: GatesSection | None = None  # for every artifact; an artifact's own gates override them
@@ -185,7 +189,7 @@ def artifact_request(recipe: Recipe, art: ArtifactSection, out: Path | None, **r
                            include_lm_head=art.include_lm_head, max_shard_bytes=parse_size(str(art.max_shard_size)),
                            allow_pickle=recipe.allow_pickle, allow_non_finite=recipe.allow_non_finite,
                            calibration=calibration, evaluation=evaluation, recovery=recovery_config(art),
-                           gates=gates_of(recipe, art), **run)
+                           gates=gates_of(recipe, art), **{"threads": recipe.threads, **run})
 
 
 def _model_reference(model: str) -> str:
@@ -196,7 +200,8 @@ def _model_reference(model: str) -> str:
 def request_recipe(req) -> str:
     """The resolved single-artifact recipe of a QuantizeRequest, as the YAML text a checkpoint stores."""
     data: dict[str, Any] = {"model": _model_reference(req.model), "allow_pickle": req.allow_pickle,
-                            "allow_non_finite": req.allow_non_finite}
+                            "allow_non_finite": req.allow_non_finite,
+                            "threads": torch.get_num_threads()}  # called while the run computes: the count it uses
     if req.calibration is not None:
         data["calibration"] = dataclasses.asdict(req.calibration)
     if req.evaluation is not None:

@@ -135,3 +135,25 @@ def test_streamed_observation_keeps_only_what_the_search_needs():
     assert torch.equal(observed.windows(), x[[0, 4, 9]])
     assert torch.equal(observed.sampled(), flat[::7])
     assert torch.equal(observed.head(), flat[:20])
+
+
+def test_a_dead_channel_gets_a_finite_scale(tiny, tmp_path):
+    """An MLP channel with zero weights sees zero activations: its scale was 0/0 (NaN everywhere after the
+    normalisation), which turned the written scales infinite."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "dead"
+    shutil.copytree(tiny, src)
+    tensors = load_file(str(src / "model.safetensors"))
+    for proj in ("gate_proj", "up_proj"):
+        tensors[f"model.layers.0.mlp.{proj}.weight"][7] = 0
+    tensors["model.layers.0.mlp.down_proj.weight"][:, 7] = 0
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    _awq(src, tmp_path / "awq", fmt="awq")
+    scales = load_file(str(tmp_path / "awq" / "model.safetensors"))["model.layers.0.mlp.up_proj.scales"]
+    assert bool(torch.isfinite(scales).all()) and float(scales.abs().max()) < 100
+    ppl = evaluate_checkpoint(str(tmp_path / "awq"), "tinystories", max_windows=4)["ppl"]
+    source_ppl = evaluate_checkpoint(str(src), "tinystories", max_windows=4)["ppl"]
+    assert ppl < source_ppl * 1.1

@@ -99,7 +99,8 @@ def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: f
     """AWQ's per-channel scale for one alpha, normalised so max*min = 1."""
     s = x_mean.pow(alpha)
     if w_mean is not None:
-        s = s / w_mean.pow(1 - alpha)
+        # a dead channel (zero weights and zero activations) would give 0/0; AutoAWQ keeps its denominator off zero too
+        s = s / w_mean.pow(1 - alpha).clamp(min=1e-4)
     s = s.clamp(min=1e-4)
     return s / (s.max() * s.min()).sqrt()
 

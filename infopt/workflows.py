@@ -727,6 +727,19 @@ def _source_dtype(model: ModelDir) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype.removeprefix("torch."), torch.float32)
 
 
+def window_length(model_dir: ModelDir, seq_len: int | None) -> int:
+    """--seq-len checked against the model's context (default: `default_seq_len`)."""
+    context = text_config(model_dir.config).get("max_position_embeddings")
+    if seq_len is None:
+        return default_seq_len(model_dir.config)
+    if seq_len < 2:
+        raise InfoptError(f"--seq-len {seq_len}: a window needs at least 2 tokens")
+    if context and seq_len > context:
+        raise InfoptError(f"--seq-len {seq_len} exceeds the model's context ({context} tokens, "
+                          "max_position_embeddings); its scores past that would measure nothing real")
+    return seq_len
+
+
 class EvalSession:
     """Scores checkpoints against one baseline: the baseline is loaded once, each dataset tokenized once, and the
     baseline's log-probabilities of every window batch kept (within `cache_bytes`) for every later comparison, so
@@ -757,14 +770,7 @@ class EvalSession:
         if self.tokenizer_dir is None:
             self.tokenizer_dir = model_dir.path
         ids = self.token_ids(dataset, text_field)
-        context = text_config(model_dir.config).get("max_position_embeddings")
-        if seq_len is None:
-            seq_len = default_seq_len(model_dir.config)
-        elif seq_len < 2:
-            raise InfoptError(f"--seq-len {seq_len}: a window needs at least 2 tokens")
-        elif context and seq_len > context:
-            raise InfoptError(f"--seq-len {seq_len} exceeds the model's context ({context} tokens, "
-                              "max_position_embeddings); its scores past that would measure nothing real")
+        seq_len = window_length(model_dir, seq_len)
         lm = self.last_model = self.load(model_dir)
         if self.baseline is not None and self._base_lm is None:
             self._base_lm = self.load(self.baseline)
@@ -785,26 +791,33 @@ def evaluate_checkpoint(model: str | ModelDir, dataset: str, baseline: str | Mod
                         text_field: str = "text", allow_pickle: bool = False,
                         progress: Progress | None = None, trust_remote_code: bool = False,
                         dtype: torch.dtype = torch.float32, engine: str = "transformers",
-                        kernels: str | None = None, tokenizer: Path | None = None) -> dict:
+                        kernels: str | None = None, tokenizer: Path | None = None,
+                        vllm_options: "VLLMOptions | None" = None) -> dict:
     """Perplexity (and with a baseline KL and top-1 agreement). engine "transformers" dequantizes packed weights
     into transformers' model; "infopt" scores through infopt's runtime with the `kernels` backend (what `infopt
-    run` computes: packed kernels, int8 activations with "ext-a8"); the baseline runs on the same engine."""
-    if engine not in ("transformers", "infopt"):
-        raise InfoptError(f"invalid engine {engine!r}: choose transformers or infopt")
+    run` computes: packed kernels, int8 activations with "ext-a8"); "vllm" scores the same windows from vLLM's
+    prompt log-probabilities (no KL: it returns no full distributions); the baseline runs on the same engine."""
+    if engine not in ("transformers", "infopt", "vllm"):
+        raise InfoptError(f"invalid engine {engine!r}: choose transformers, infopt or vllm")
     if kernels is not None and engine != "infopt":
         raise InfoptError("--kernels applies to --engine infopt")
+    if vllm_options is not None and engine != "vllm":
+        raise InfoptError("the vLLM options (--tensor-parallel-size, --vllm-arg, ...) apply to --engine vllm")
     model_dir = model if isinstance(model, ModelDir) else open_model(model, allow_pickle)
     base_dir = None
     if baseline is not None:
         base_dir = baseline if isinstance(baseline, ModelDir) else open_model(baseline, allow_pickle)
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise InfoptError(f"--tokenizer {tokenizer}: no such folder")
+    if engine == "vllm":
+        return _evaluate_with_vllm(model_dir, base_dir, dataset, seq_len, stride, max_windows, text_field,
+                                   tokenizer, trust_remote_code, vllm_options, progress)
     if engine == "infopt":
         for folder in (model_dir, base_dir):
             _check_engine_support(folder)
         load = lambda folder: _engine_scorer(folder, dtype, kernels)  # noqa: E731
     else:
         load = lambda folder: load_causal_lm(folder, dtype, trust_remote_code=trust_remote_code)  # noqa: E731
-    if tokenizer is not None and not Path(tokenizer).exists():
-        raise InfoptError(f"--tokenizer {tokenizer}: no such folder")
     session = EvalSession(base_dir, load, Path(tokenizer) if tokenizer else model_dir.path, trust_remote_code)
     report = session.score(model_dir, dataset, seq_len, stride, max_windows, text_field, progress)
     report["engine"] = engine
@@ -812,6 +825,33 @@ def evaluate_checkpoint(model: str | ModelDir, dataset: str, baseline: str | Mod
         from infopt.runtime.runner import linear_backends
 
         report["quantized_linears"] = linear_backends(session.last_model.model)
+    return report
+
+
+def _evaluate_with_vllm(model_dir: ModelDir, base_dir: ModelDir | None, dataset: str, seq_len: int | None,
+                        stride: int | None, max_windows: int | None, text_field: str, tokenizer: Path | None,
+                        trust_remote_code: bool, options: "VLLMOptions | None", progress: Progress | None) -> dict:
+    """The windows and protocol of `evaluate`, scored by vLLM: the model and the baseline in one vLLM process."""
+    from infopt.eval.perplexity import evaluate_targets, plan_windows, window_inputs
+    from infopt.runtime import vllm_engine as vllm
+
+    options = options or vllm.VLLMOptions()
+    session = EvalSession(None, None, Path(tokenizer) if tokenizer else model_dir.path, trust_remote_code)
+    ids = session.token_ids(dataset, text_field)
+    seq_len = window_length(model_dir, seq_len)
+    windows = plan_windows(ids.numel(), seq_len, stride, max_windows)
+    inputs = window_inputs(ids, windows)
+    folders = [model_dir] + ([base_dir] if base_dir is not None else [])
+    length = {} if "max_model_len" in options.args() else {"max_model_len": seq_len + 1}
+    jobs = [{"model": str(folder.path), "tasks": [{"kind": "score", "windows": inputs}], "engine_args": length}
+            for folder in folders]
+    result = vllm.run_job(jobs, options, (lambda text: progress(text, 0, 1)) if progress else None, scoring=True)
+    scores = [vllm.window_scores(vllm.checked(outcome, str(folder.path), 1)["tasks"][0], inputs)
+              for folder, outcome in zip(folders, result["models"])]
+    report = evaluate_targets(windows, scores[0], scores[1] if base_dir is not None else None, seq_len, stride)
+    report.update(dataset=dataset, engine="vllm", vllm={
+        "version": result["vllm_version"], "platform": result["platform"], "engine_args": result["engine_args"],
+        "load_seconds": [outcome["load_seconds"] for outcome in result["models"]]})
     return report
 
 

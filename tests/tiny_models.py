@@ -40,3 +40,53 @@ def copy_tokenizer(source: Path, model: Path) -> Path:
         if (source / name).is_file():
             shutil.copy(source / name, model / name)
     return model
+
+
+def widen_heads(source: Path, out: Path, head_dim: int = 32, intermediate: int = 256) -> Path:
+    """The same function as a Llama folder (stories260K: head_dim 8, intermediate 172) with wider attention heads and
+    MLP, zero-padded, so that engines whose kernels need common head sizes and packable widths (vLLM's CPU attention
+    and int4 kernels) run a real trained model.
+
+    Attention: rotary pair (i, i + d/2) of a head moves to (r*i, r*i + D/2) with r = D/d, whose frequency
+    theta^(-2ri/D) is the original theta^(-2i/d); the other dimensions are zero. q is scaled by sqrt(r), so the
+    softmax scale 1/sqrt(D) acts as 1/sqrt(d). MLP: zero gate/up rows and down columns add silu(0) * 0 = 0."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((source / "config.json").read_text())
+    d, heads, kv_heads = config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    assert head_dim % d == 0 and head_dim > d and intermediate >= inner
+
+    def pad_heads(weight: torch.Tensor, count: int, scale: float = 1.0) -> torch.Tensor:
+        per_head = weight.view(count, d, -1) * scale
+        wide = torch.zeros(count, head_dim, weight.shape[-1], dtype=weight.dtype)
+        r = head_dim // d
+        wide[:, 0 : head_dim // 2 : r], wide[:, head_dim // 2 :: r] = per_head[:, : d // 2], per_head[:, d // 2 :]
+        return wide.reshape(count * head_dim, -1)
+
+    tensors = {}
+    for name, t in load_file(str(source / "model.safetensors")).items():
+        if name.endswith("q_proj.weight"):
+            t = pad_heads(t, heads, (head_dim / d) ** 0.5)
+        elif name.endswith("k_proj.weight"):
+            t = pad_heads(t, kv_heads)
+        elif name.endswith("v_proj.weight"):
+            t = pad_heads(t, kv_heads)
+        elif name.endswith("o_proj.weight"):
+            t = pad_heads(t.t().contiguous(), heads).t().contiguous()
+        elif name.endswith(("gate_proj.weight", "up_proj.weight")):
+            t = torch.cat([t, t.new_zeros(intermediate - inner, hidden)])
+        elif name.endswith("down_proj.weight"):
+            t = torch.cat([t, t.new_zeros(hidden, intermediate - inner)], 1)
+        tensors[name] = t.contiguous()
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.update(head_dim=head_dim, intermediate_size=intermediate)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for path in source.iterdir():
+        if path.name not in ("config.json", "model.safetensors", "infopt-manifest.json"):
+            shutil.copy(path, out / path.name)
+    return out

@@ -24,6 +24,27 @@ app.add_typer(convert_app, name="convert")
 ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights, which can run code when loaded.")
 TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="Run custom model code from the model folder.")
 DTYPE = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16 or float16.")
+VLLM_PANEL = "vLLM (--engine vllm)"
+TENSOR_PARALLEL = typer.Option(None, "--tensor-parallel-size", rich_help_panel=VLLM_PANEL,
+                               help="GPUs vLLM splits each layer over (vLLM's tensor_parallel_size).")
+VLLM_ARGS = typer.Option([], "--vllm-arg", rich_help_panel=VLLM_PANEL, help="KEY=VALUE passed to vllm.LLM as it is "
+                         "(repeatable; VALUE read as JSON where it parses), e.g. pipeline_parallel_size=2, "
+                         "dtype=float16, gpu_memory_utilization=0.8, max_num_seqs=64.")
+VLLM_PYTHON = typer.Option(None, "--vllm-python", rich_help_panel=VLLM_PANEL, help="The Python that imports vllm "
+                           "(default: $INFOPT_VLLM_PYTHON, this Python, or the venv `make vllm-env` builds).")
+
+
+def _vllm_options(engine: str, tensor_parallel: Optional[int], vllm_args: list[str], vllm_python: Optional[str],
+                  seed: int = 0):
+    """The vLLM options, or None when the engine is another (which must then have none of them given)."""
+    from infopt.runtime.vllm_engine import VLLMOptions, parse_engine_args
+
+    if engine != "vllm":
+        if tensor_parallel is not None or vllm_args or vllm_python is not None:
+            raise InfoptError("--tensor-parallel-size, --vllm-arg and --vllm-python apply to --engine vllm")
+        return None
+    return VLLMOptions(tensor_parallel_size=tensor_parallel or 1, engine_args=parse_engine_args(vllm_args),
+                       python=vllm_python, seed=seed)
 
 
 def _config_option(config, name: str, panel: str, default=None):
@@ -418,10 +439,16 @@ def _print_eval(r: dict) -> None:
     if r.get("engine") == "infopt":
         used = ", ".join(f"{n} linears on {k}" for k, n in r["quantized_linears"].items())
         table.add_row("engine", f"infopt ({used or 'dense weights'})")
+    if r.get("engine") == "vllm":
+        v = r["vllm"]
+        table.add_row("engine", f"vLLM {v['version']} on {v['platform']} ({v['engine_args'].get('dtype')})")
     if "baseline_ppl" in r:
         table.add_row("baseline perplexity", f"{r['baseline_ppl']:.4f}")
         table.add_row("relative change", f"{r['ppl_delta_rel']:+.4%}")
-        table.add_row("KL(baseline || model)", f"{r['kl_mean']:.6f}")
+        if r["kl_mean"] is not None:
+            table.add_row("KL(baseline || model)", f"{r['kl_mean']:.6f}")
+        else:
+            table.add_row("KL(baseline || model)", "n/a (the engine returns no full distributions)")
         table.add_row("top-1 agreement", f"{r['top1_agreement']:.4%}")
     out_console.print(table)
 
@@ -542,13 +569,16 @@ def eval_(
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Evaluate at most this many windows."),
     text_field: str = typer.Option("text", "--text-field", help="Field or column for .jsonl/.parquet/hf datasets."),
     max_ppl_delta: Optional[float] = typer.Option(None, "--max-ppl-delta", help="Exit 1 when the relative perplexity increase exceeds this (needs --baseline)."),
-    engine: str = typer.Option("transformers", "--engine", help="transformers (packed weights dequantized into its model) or infopt (the runtime's packed kernels: what infopt run computes)."),
+    engine: str = typer.Option("transformers", "--engine", help="transformers (packed weights dequantized into its model), infopt (the runtime's packed kernels: what infopt run computes) or vllm (vLLM's kernels, from its prompt log-probabilities; no KL)."),
     kernels: Optional[str] = typer.Option(None, "--kernels", help="With --engine infopt: ext, ext-a8 (int8 activations) or torch."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder, for a GGUF file that "
                                              "carries no Hugging Face tokenizer (default: the model's own)."),
     allow_pickle: bool = ALLOW_PICKLE,
     dtype: str = DTYPE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
+    tensor_parallel: Optional[int] = TENSOR_PARALLEL,
+    vllm_args: list[str] = VLLM_ARGS,
+    vllm_python: Optional[str] = VLLM_PYTHON,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Perplexity of a model, optionally against a baseline model."""
@@ -557,10 +587,11 @@ def eval_(
     if max_ppl_delta is not None and baseline is None:
         raise InfoptError("--max-ppl-delta needs --baseline")
     compute_dtype = parse_dtype(dtype)
+    vllm_options = _vllm_options(engine, tensor_parallel, vllm_args, vllm_python)
     with progress_bar(not json_out) as progress:
         report = evaluate_checkpoint(model, dataset, baseline, seq_len, stride, max_windows, text_field,
                                      allow_pickle, progress, trust_remote_code, compute_dtype, engine, kernels,
-                                     tokenizer)
+                                     tokenizer, vllm_options)
     if json_out:
         print_json(report)
     else:
@@ -580,7 +611,7 @@ def run(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
     top_k: int = typer.Option(0, "--top-k", min=0),
     seed: int = typer.Option(0, "--seed"),
-    engine: str = typer.Option("auto", "--engine", help="auto (infopt's runtime where it supports the architecture), infopt, or transformers."),
+    engine: str = typer.Option("auto", "--engine", help="auto (infopt's runtime where it supports the architecture), infopt, transformers, or vllm (generation through vLLM, with --tensor-parallel-size and --vllm-arg)."),
     kv_budget_mb: float = typer.Option(512.0, "--kv-budget-mb", min=0.0, help="Memory for the paged KV cache; requests wait (or are preempted and recomputed) when it is full."),
     block_size: int = typer.Option(16, "--block-size", min=1, help="Tokens per KV block."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most sequences decoded together."),
@@ -596,6 +627,9 @@ def run(
     allow_pickle: bool = ALLOW_PICKLE,
     dtype: str = DTYPE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
+    tensor_parallel: Optional[int] = TENSOR_PARALLEL,
+    vllm_args: list[str] = VLLM_ARGS,
+    vllm_python: Optional[str] = VLLM_PYTHON,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (tokens, text, timings) instead of streaming text."),
 ) -> None:
     """Generate text: one prompt (streamed) or a file of prompts, batched continuously over a paged KV cache."""
@@ -609,7 +643,8 @@ def run(
     prompts = read_prompts(prompts_file) if prompts_file is not None else [Prompt(prompt or "")]
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, n)
     options = RunOptions(params, parse_dtype(dtype), engine, kv_budget_mb, block_size, max_batch, kernels,
-                         allow_pickle, trust_remote_code, draft, num_draft, adaptive_draft, baseline, device)
+                         allow_pickle, trust_remote_code, draft, num_draft, adaptive_draft, baseline, device,
+                         _vllm_options(engine, tensor_parallel, vllm_args, vllm_python, seed))
     single = len(prompts) == 1 and n == 1
     streaming = single and not json_out
     shown = {"prompt": False}
@@ -623,7 +658,7 @@ def run(
     report = run_prompts(model, prompts, options, stream if streaming else None,
                          lambda notice: err_console.print(f"note: {notice}", highlight=False))
     if streaming and not shown["prompt"]:
-        stream("")
+        stream(report["text"] if report["engine"] == "vllm" else "")  # vLLM's text comes whole, at the end
     page_map = report.pop("page_map", None)
     if kv_report_png is not None and page_map is not None:
         from infopt.runtime.kv_report import write_png

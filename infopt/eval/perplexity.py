@@ -143,3 +143,32 @@ def default_batch_size(seq_len: int, vocab_size: int, budget_bytes: int = 256 * 
     """Windows per forward so the fp32 logits (and their log-softmax) stay within a budget."""
     per_window = seq_len * vocab_size * 4 * 3
     return max(1, min(64, budget_bytes // max(1, per_window)))
+
+
+def window_inputs(ids: torch.Tensor, windows: list[Window]) -> list[list[int]]:
+    return [ids[w.begin : w.end].tolist() for w in windows]
+
+
+def evaluate_targets(windows: list[Window], scores: list[tuple[list[float], list[int]]],
+                     base_scores: list[tuple[list[float], list[int]]] | None = None, seq_len: int | None = None,
+                     stride: int | None = None) -> dict:
+    """The same protocol as `evaluate` from an engine that returns, per window, only the log-probability of each
+    token after the first and the token it ranked first (vLLM's prompt logprobs). Without full distributions there
+    is no KL: the report says so (`kl_mean` None)."""
+    totals = _Totals()
+    for i, window in enumerate(windows):
+        first = window.score_from - window.begin - 1  # index of the first scored target in a window's list
+        log_p, top = scores[i]
+        totals.nll -= math.fsum(log_p[first:])
+        totals.tokens += len(log_p) - first
+        if base_scores is not None:
+            base_log_p, base_top = base_scores[i]
+            totals.base_nll -= math.fsum(base_log_p[first:])
+            totals.agree += sum(a == b for a, b in zip(top[first:], base_top[first:]))
+    result = {"ppl": math.exp(totals.nll / totals.tokens), "nll_mean": totals.nll / totals.tokens,
+              "tokens": totals.tokens, "windows": len(windows), "seq_len": seq_len, "stride": stride}
+    if base_scores is not None:
+        base_ppl = math.exp(totals.base_nll / totals.tokens)
+        result.update({"baseline_ppl": base_ppl, "ppl_delta_rel": result["ppl"] / base_ppl - 1.0, "kl_mean": None,
+                       "top1_agreement": totals.agree / totals.tokens})
+    return result

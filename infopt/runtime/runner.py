@@ -21,7 +21,7 @@ from infopt.runtime.kv_cache import DEFAULT_BLOCK_SIZE, KVCache
 from infopt.runtime.kv_report import summary
 from infopt.runtime.model import EngineModel, load_engine_model, unsupported_reason
 
-ENGINES = ("auto", "infopt", "transformers")
+ENGINES = ("auto", "infopt", "transformers", "vllm")
 DEFAULT_KV_BUDGET_MB = 512.0
 
 
@@ -41,6 +41,7 @@ class RunOptions:
     adaptive_draft: bool = False
     baseline: bool = True  # with a draft: also decode without it, for the speedup
     device: str = "cpu"  # "auto", "cpu" or "cuda" (quantized linears through the Triton kernels there)
+    vllm: "VLLMOptions | None" = None  # engine "vllm": how vLLM starts (infopt.runtime.vllm_engine)
 
 
 @dataclass
@@ -189,6 +190,8 @@ def run_prompts(model: str, prompts: list[Prompt], options: RunOptions,
                 on_notice: Callable[[str], None] | None = None) -> dict:
     """Generate for every prompt (n samples each); `on_text` streams when there is exactly one sequence."""
     model_dir = open_model(model, options.allow_pickle)
+    if options.engine == "vllm":
+        return _run_vllm(model_dir, prompts, options)
     engine_name, notice = choose_engine(model_dir, options.engine)
     if notice and on_notice:
         on_notice(notice)
@@ -324,6 +327,39 @@ def _run_transformers(model_dir: ModelDir, tokenizer, prompts: list[Prompt], opt
     if single:
         report.update(prompt=prompts[0].text, text=requests[0]["samples"][0]["text"],
                       tokens=requests[0]["samples"][0]["tokens"])
+    return report
+
+
+def _run_vllm(model_dir: ModelDir, prompts: list[Prompt], options: RunOptions) -> dict:
+    """The prompts through vLLM, tokenized and decoded by infopt as its own engine does (same ids, same text)."""
+    from infopt.runtime import vllm_engine as vllm
+
+    if options.draft:
+        raise InfoptError("--draft is infopt's speculative decoding; vLLM takes its own "
+                          "(--vllm-arg speculative_config={...})")
+    tokenizer = load_tokenizer(model_dir.path, options.trust_remote_code)
+    p = options.params
+    ids = [_encode(tokenizer, prompt.text) for prompt in prompts]
+    limits = [int(prompt.max_new_tokens or p.max_new_tokens) for prompt in prompts]
+    tasks = vllm.generate_task(ids, limits, p)
+    vllm_options = options.vllm or vllm.VLLMOptions(seed=p.seed)
+    result = vllm.run_job([{"model": str(model_dir.path), "tasks": [{k: v for k, v in t.items() if k != "index"}
+                                                                      for t in tasks]}], vllm_options)
+    outcome = vllm.checked(result["models"][0], str(model_dir.path), len(tasks))
+    samples, seconds = vllm.generated(outcome["tasks"], tasks, len(prompts), p.n)
+    requests = [{"prompt": prompt.text, "prompt_tokens": len(prompt_ids), "samples": [
+                    {"text": continuation(tokenizer, prompt_ids, tokens), "tokens": tokens, "finish_reason": None,
+                     "preemptions": 0} for tokens in choices]}
+                for prompt, prompt_ids, choices in zip(prompts, ids, samples)]
+    new_tokens = sum(len(t) for choices in samples for t in choices)
+    report = {"engine": "vllm", "model": str(model_dir.path), "requests": requests, "new_tokens": new_tokens,
+              "seconds": seconds, "tokens_per_second": new_tokens / seconds if seconds > 0 else None,
+              "load_seconds": outcome["load_seconds"],
+              "vllm": {"version": result["vllm_version"], "platform": result["platform"],
+                       "engine_args": result["engine_args"]}}
+    if len(requests) == 1 and len(requests[0]["samples"]) == 1:
+        sample = requests[0]["samples"][0]
+        report.update(prompt=prompts[0].text, text=sample["text"], tokens=sample["tokens"])
     return report
 
 

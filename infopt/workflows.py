@@ -19,6 +19,7 @@ import torch
 from infopt.calibration.sources import load_text
 from infopt.calibration.windows import calibration_windows, tokenize
 from infopt.device import compute_threads, resolve_device
+from infopt.runtime.vllm_engine import known_refusal, refusal_note
 from infopt.errors import InfoptError
 from infopt.eval.gates import QualityGates
 from infopt.eval.perplexity import default_batch_size, default_seq_len, evaluate
@@ -569,6 +570,12 @@ def _quantize(req: QuantizeRequest, progress: Progress | None) -> dict:
             settings["threads"] = f"{report['threads']} (the same inputs, seed and thread count give the same bytes)"
         if "recovery" in report:
             settings["recovery"] = _recovery_setting(report["recovery"])
+        quantization_config = json.loads((tmp / "config.json").read_text()).get("quantization_config")
+        vllm_note, refused = refusal_note(quantization_config), known_refusal(quantization_config)
+        settings["vLLM 0.32 (CPU)"] = (f"does not load it: {refused}" if refused else
+                                       "loads it (tested: int4 compressed-tensors, GPTQ symmetric, AWQ)")
+        if vllm_note:
+            report["notes"] = report.get("notes", []) + [vllm_note]
         (tmp / artifact.RECIPE).write_text(request_recipe(req))
         artifact.write_model_card(tmp, {
             "name": req.name or req.out.name,

@@ -138,12 +138,23 @@ def test_vllm_loads_our_checkpoint_with_our_tokens_and_log_probs(name, checkpoin
 
 @needs_vllm
 @pytest.mark.parametrize("name", list(REFUSED))
-def test_what_vllm_refuses_is_said_in_its_own_words(name, vllm_results):
+def test_what_vllm_refuses_is_said_in_its_own_words(name, vllm_results, checkpoints):
     outcomes, _ = vllm_results
     with pytest.raises(InfoptError) as error:
         vllm_engine.checked(outcomes[name], name, 2)
     message = str(error.value)
     assert "\n" not in message and REFUSED[name][1] in message, message
+    # and `infopt quantize` said so when it wrote the checkpoint (its model card too)
+    config = json.loads((checkpoints[name] / "config.json").read_text()).get("quantization_config")
+    assert REFUSED[name][1] in vllm_engine.known_refusal(config)
+    assert "| vLLM 0.32 (CPU) | does not load it:" in (checkpoints[name] / "README.md").read_text()
+
+
+def test_what_vllm_loads_is_not_flagged(checkpoints):
+    for name in LOADS:
+        config = json.loads((checkpoints[name] / "config.json").read_text()).get("quantization_config")
+        assert vllm_engine.known_refusal(config) is None, name
+        assert "| vLLM 0.32 (CPU) | loads it" in (checkpoints[name] / "README.md").read_text()
 
 
 @needs_vllm

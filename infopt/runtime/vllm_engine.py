@@ -192,3 +192,35 @@ def generated(task_results: list[dict], tasks: list[dict], count: int, n: int) -
             samples[index] = tokens
         seconds += float(result.get("seconds", 0.0))
     return samples, seconds  # type: ignore[return-value]
+
+
+def known_refusal(quantization_config: dict | None, single_file: bool = False) -> str | None:
+    """Why vLLM 0.32's CPU build will not load a checkpoint with this quantization_config, in its words, for the
+    kinds tests/test_vllm.py measured; None where it loads (or nothing was measured)."""
+    if single_file:
+        return "it has no GGUF loader"
+    q = quantization_config or {}
+    method = q.get("quant_method")
+    if method == "bitsandbytes":
+        return "its CPU build has no bitsandbytes ('Unknown quantization method: bitsandbytes')"
+    if method == "gptq" and q.get("desc_act"):
+        return "it no longer loads act-order GPTQ checkpoints ('desc_act=True is no longer supported')"
+    if method == "gptq" and q.get("sym") is False:
+        return f"it refuses asymmetric GPTQ-format weights ('Unsupported quantization config: bits={q.get('bits')}, sym=False')"
+    if method == "compressed-tensors":
+        # vLLM names a scheme by its stored type: uint<bits>, with b<bias> when symmetric (the zero point implied)
+        types = sorted({f"uint{w.get('num_bits')}" + (f"b{2 ** (w.get('num_bits') - 1)}" if w.get("symmetric") else "")
+                        for w in (g.get("weights") or {} for g in (q.get("config_groups") or {}).values())
+                        if isinstance(w.get("num_bits"), int) and w.get("num_bits") != 4})
+        if types:
+            return (f"its CPU int kernel takes 4-bit weights only ('Quant type ({', '.join(types)}) not supported by "
+                    "CPUWNA16, supported types are: uint4, uint4b8')")
+    return None
+
+
+def refusal_note(quantization_config: dict | None, single_file: bool = False) -> str | None:
+    reason = known_refusal(quantization_config, single_file)
+    if reason is None:
+        return None
+    return (f"vLLM 0.32's CPU build will not load this output: {reason}. compressed-tensors int4 (the default format, "
+            "symmetric or not) loads there")

@@ -32,7 +32,8 @@ TITLES = {"foundation": "RTN and packing (foundation)", "gptq": "GPTQ, AWQ, NF4/
           "reliability": "Reliability: malformed inputs and faults",
           "gguf": "GGUF next to llama.cpp's own quantizer",
           "recovery": "Block-wise recovery (--recover) next to GPTQ, AWQ and auto-round",
-          "qat": "End-to-end QAT (infopt qat) on top of block-wise recovery"}
+          "qat": "End-to-end QAT (infopt qat) on top of block-wise recovery",
+          "engines": "Engines side by side: infopt, llama.cpp, vLLM CPU and transformers on a 706M Llama"}
 BY_HAND = {"gpu": "written by hand from benchmarks/gpu_check.py and benchmarks/gpu_session.py on a CUDA machine"}
 
 
@@ -86,6 +87,10 @@ def run_section(name: str, work: Path, repeats: int) -> list[str]:
         from train_bench_model import ensure_bench_model
 
         return bench_recovery.qat_section(ensure_bench_model(THREADS), work, THREADS)
+    if name == "engines":
+        import bench_engines
+
+        return bench_engines.section()
     if name == "kernels":
         import bench_kernels
 

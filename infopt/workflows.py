@@ -12,14 +12,13 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from infopt.calibration.sources import load_text
 from infopt.calibration.windows import calibration_windows, tokenize
 from infopt.device import compute_threads, resolve_device
-from infopt.runtime.vllm_engine import known_refusal, refusal_note
 from infopt.errors import InfoptError
 from infopt.eval.gates import QualityGates
 from infopt.eval.perplexity import default_batch_size, default_seq_len, evaluate
@@ -39,6 +38,10 @@ from infopt.quant.recovery import PerWeight, Recovery, RecoveryConfig
 from infopt.quant.registry import METHODS, get_method
 from infopt.quant.spec import QuantPlan, QuantSpec, build_plan, parse_override
 from infopt.quant.weights import Storage
+from infopt.runtime.vllm_engine import known_refusal, refusal_note
+
+if TYPE_CHECKING:
+    from infopt.runtime.vllm_engine import VLLMOptions
 
 Progress = Callable[[str, int, int], None]
 

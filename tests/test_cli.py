@@ -177,7 +177,7 @@ def test_eval_through_the_infopt_engine(stories_hf, tmp_path):
     assert table.returncode == 0 and "20 linears on ext" in table.stdout, table.stderr
     assert_clean_failure(run_cli("eval", str(q), "--dataset", "tinystories", "--kernels", "ext-a8"),
                          "--kernels applies to --engine infopt")
-    assert_clean_failure(run_cli("eval", str(q), "--dataset", "tinystories", "--engine", "vllm"), "invalid engine")
+    assert_clean_failure(run_cli("eval", str(q), "--dataset", "tinystories", "--engine", "bogus"), "invalid engine")
     gemma = make_tiny_model("gemma", tmp_path / "gemma")
     assert_clean_failure(run_cli("eval", str(gemma), "--dataset", "tinystories", "--engine", "infopt"),
                          "does not support")

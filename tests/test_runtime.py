@@ -351,7 +351,8 @@ def test_run_rejects_bad_inputs_with_one_line(stories_hf, tmp_path):
     for args, message in [(("--prompts-file", str(bad)), "expected a JSON object"),
                           (("--prompt", "a", "--prompts-file", str(bad)), "not both"),
                           (("--kv-budget-mb", "0.00001"), "below one KV block"),
-                          (("--engine", "vllm"), "invalid engine")]:
+                          (("--engine", "bogus"), "invalid engine"),
+                          (("--engine", "vllm", "--draft", "ngram"), "--draft is infopt's speculative decoding")]:
         result = run_cli("run", str(stories_hf), *args)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 

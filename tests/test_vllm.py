@@ -210,3 +210,17 @@ def test_vllm_root_cause_is_found_in_its_log():
     cause = vllm_engine.root_cause(log)
     assert cause.startswith("Failed to find a kernel") and "one; B cannot implement due to: two" in cause
     assert os.linesep not in cause
+
+
+def test_engine_args_pass_through_as_json_values():
+    args = vllm_engine.parse_engine_args(["max_num_seqs=64", "dtype=float16", "enable_prefix_caching=true",
+                                          'speculative_config={"method": "ngram", "num_speculative_tokens": 4}'])
+    assert args == {"max_num_seqs": 64, "dtype": "float16", "enable_prefix_caching": True,
+                    "speculative_config": {"method": "ngram", "num_speculative_tokens": 4}}
+    options = vllm_engine.VLLMOptions(tensor_parallel_size=2, engine_args=args)
+    assert options.args()["tensor_parallel_size"] == 2 and options.args()["dtype"] == "float16"  # given wins
+    for bad in (["=1"], ["Max=1"], ["novalue"]):
+        with pytest.raises(InfoptError, match="KEY=VALUE"):
+            vllm_engine.parse_engine_args(bad)
+    with pytest.raises(InfoptError, match="at least 1"):
+        vllm_engine.VLLMOptions(tensor_parallel_size=0)

@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -20,6 +20,9 @@ from infopt.runtime.engine import Engine, SamplingParams, Sequence
 from infopt.runtime.kv_cache import DEFAULT_BLOCK_SIZE, KVCache
 from infopt.runtime.kv_report import summary
 from infopt.runtime.model import EngineModel, load_engine_model, unsupported_reason
+
+if TYPE_CHECKING:
+    from infopt.runtime.vllm_engine import VLLMOptions
 
 ENGINES = ("auto", "infopt", "transformers", "vllm")
 DEFAULT_KV_BUDGET_MB = 512.0

@@ -64,27 +64,33 @@ def quantize_with_llama_cpp(source: Path, out: Path, file_type: str, threads: in
     return time.perf_counter() - start
 
 
+def load_llama(path: Path, threads: int, n_ctx: int, logits_all: bool = False):
+    """llama-cpp-python's Llama without llama.cpp's CPU weight repacking (its AMX/AVX-512 "extra buffers"), which
+    crashes in decode on this CPU: on stories260K's shapes (its own converter's files too) and on the 706M
+    synthetic Llama's Q4_0/Q8_0/Q4_K_M files; F16 runs either way."""
+    import llama_cpp
+    import llama_cpp.llama as module
+
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    module.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                               logits_all=logits_all, verbose=False, n_threads=threads, n_threads_batch=threads)
+    finally:
+        module.llama_cpp.llama_model_default_params = default
+
+
 class LlamaCppModel:
     """llama.cpp behind the `model(ids).logits` call infopt's evaluator makes (one window at a time)."""
 
     def __init__(self, path: Path, threads: int, n_ctx: int):
-        import llama_cpp
-        import llama_cpp.llama as module
-
-        default = llama_cpp.llama_model_default_params
-
-        def params():  # llama.cpp's CPU weight repacking crashes on small shapes (its own files too)
-            p = default()
-            p.use_extra_bufts = False
-            return p
-
-        module.llama_cpp.llama_model_default_params = params
-        try:
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                                       logits_all=True, verbose=False, n_threads=threads,
-                                       n_threads_batch=threads)
-        finally:
-            module.llama_cpp.llama_model_default_params = default
+        self.llm = load_llama(path, threads, n_ctx, logits_all=True)
 
     def __call__(self, ids: torch.Tensor):
         rows = []

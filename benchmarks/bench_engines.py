@@ -177,18 +177,14 @@ def vllm_rows(paths: dict[str, Path]) -> tuple[dict[str, dict[str, float]], str]
 
 @torch.no_grad()
 def transformers_rows(paths: dict[str, Path]) -> dict[str, dict[str, float]]:
+    from bench_runtime import transformers_decode
+
     from infopt.models.loading import load_causal_lm, open_model
 
     model = load_causal_lm(open_model(str(paths["source"])), torch.bfloat16)
 
     def decode() -> float:
-        out = model(input_ids=torch.tensor([PROMPT]), use_cache=True)
-        cache, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
-        start = time.perf_counter()
-        for _ in range(NEW):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
-        return NEW / (time.perf_counter() - start)
+        return transformers_decode(model, NEW, PROMPT)
 
     def prompt() -> float:
         ids = torch.tensor([[100 + i % 400 for i in range(PP)]])

@@ -62,8 +62,8 @@ def engine_decode(model, sequences: int = 1, tokens: int = DECODE_TOKENS) -> flo
 
 
 @torch.no_grad()
-def transformers_decode(model, tokens: int = DECODE_TOKENS) -> float:
-    out = model(input_ids=torch.tensor([PROMPT]), use_cache=True)
+def transformers_decode(model, tokens: int = DECODE_TOKENS, prompt: list[int] = PROMPT) -> float:
+    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
     cache, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
     start = time.perf_counter()
     for _ in range(tokens):

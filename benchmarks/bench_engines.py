@@ -227,7 +227,8 @@ def section() -> list[str]:
               "int4 g128 (CPUWNA16)": size["int4-g128"], "Q4_0": size["Q4_0"], "Q4_K_M": size["Q4_K_M"]}
     read = max(bandwidth)
     lines = [f"706M synthetic Llama (16 x 2048, 32 heads / 4 KV heads, vocab 512), {THREADS} threads for every "
-             f"engine; {vllm_name}, llama-cpp-python 0.3.36, transformers with its sdpa attention. Decode: batch 1, "
+             f"engine; {vllm_name} (eager, bf16: infopt's CPU defaults for it), llama-cpp-python 0.3.36, transformers "
+             "with its sdpa attention. Decode: batch 1, "
              f"{NEW} tokens after a {len(PROMPT)}-token prompt; pp{PP}: one {PP}-token prompt; x4 / x16: tokens per "
              f"second summed over 4 / 16 sequences of {NEW} new tokens. Medians of {REPEATS} runs; read bandwidth "
              f"during the section {min(bandwidth):.1f}-{max(bandwidth):.1f} GB/s (a sum over 256 MiB, measured "

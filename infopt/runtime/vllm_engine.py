@@ -38,10 +38,6 @@ class VLLMOptions:
     tensor_parallel_size: int = 1
     # auto: bfloat16 on vLLM's CPU backend (its int4 kernel takes 16-bit activations only), the checkpoint's on GPU
     dtype: str = "auto"
-    max_model_len: int | None = None
-    # vLLM's gpu_memory_utilization (on its CPU backend: the share of memory it reserves); None: vLLM's default on
-    # GPU, and half of the memory free at start on CPU (its 0.92 default fails whenever anything else runs)
-    memory_utilization: float | None = None
     seed: int = 0
     engine_args: dict[str, Any] = field(default_factory=dict)
     python: str | None = None
@@ -50,16 +46,12 @@ class VLLMOptions:
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise InfoptError(f"--tensor-parallel-size {self.tensor_parallel_size}: at least 1")
-        if self.memory_utilization is not None and not 0 < self.memory_utilization <= 1:
-            raise InfoptError(f"--vllm-memory {self.memory_utilization}: a share of memory in (0, 1]")
 
     def args(self) -> dict[str, Any]:
-        args: dict[str, Any] = {"tensor_parallel_size": self.tensor_parallel_size, "dtype": self.dtype,
-                                "seed": self.seed, "enforce_eager": True, "disable_log_stats": True}
-        if self.max_model_len is not None:
-            args["max_model_len"] = self.max_model_len
-        if self.memory_utilization is not None:
-            args["gpu_memory_utilization"] = self.memory_utilization
+        """vllm.LLM's keyword arguments; the worker adds its CPU defaults (bfloat16, eager, a memory share) where
+        these leave them open."""
+        args = {"tensor_parallel_size": self.tensor_parallel_size, "dtype": self.dtype, "seed": self.seed,
+                "disable_log_stats": True}
         return {**args, **self.engine_args}
 
 

@@ -112,14 +112,17 @@ def _error_line(exc):
 
 
 def _platform_defaults(args):
-    """dtype "auto" on the CPU backend means bfloat16 (its int4 kernel takes 16-bit activations only), and without a
-    gpu_memory_utilization it reserves half of the memory free now (its 0.92 default fails beside anything else)."""
+    """On the CPU backend: dtype "auto" means bfloat16 (its int4 kernel takes 16-bit activations only); eager
+    unless told otherwise (torch.compile would add minutes to every start on a small CPU); and without a
+    gpu_memory_utilization it reserves half of the memory free now (its 0.92 default fails beside anything else).
+    Elsewhere vLLM's own defaults stand (CUDA graphs on a GPU)."""
     import vllm
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
         if args.get("dtype", "auto") == "auto":
             args["dtype"] = "bfloat16"
+        args.setdefault("enforce_eager", True)
         if args.get("gpu_memory_utilization") is None:
             import psutil
 

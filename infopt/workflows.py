@@ -574,11 +574,11 @@ def _quantize(req: QuantizeRequest, progress: Progress | None) -> dict:
         if "recovery" in report:
             settings["recovery"] = _recovery_setting(report["recovery"])
         quantization_config = json.loads((tmp / "config.json").read_text()).get("quantization_config")
-        vllm_note, refused = refusal_note(quantization_config), known_refusal(quantization_config)
+        refused = known_refusal(quantization_config)
         settings["vLLM 0.32 (CPU)"] = (f"does not load it: {refused}" if refused else
                                        "loads it (tested: int4 compressed-tensors, GPTQ symmetric, AWQ)")
-        if vllm_note:
-            report["notes"] = report.get("notes", []) + [vllm_note]
+        if refused:
+            report["notes"] = report.get("notes", []) + [refusal_note(refused)]
         (tmp / artifact.RECIPE).write_text(request_recipe(req))
         artifact.write_model_card(tmp, {
             "name": req.name or req.out.name,

@@ -346,8 +346,7 @@ def _run_vllm(model_dir: ModelDir, prompts: list[Prompt], options: RunOptions) -
     limits = [int(prompt.max_new_tokens or p.max_new_tokens) for prompt in prompts]
     tasks = vllm.generate_task(ids, limits, p)
     vllm_options = options.vllm or vllm.VLLMOptions(seed=p.seed)
-    result = vllm.run_job([{"model": str(model_dir.path), "tasks": [{k: v for k, v in t.items() if k != "index"}
-                                                                      for t in tasks]}], vllm_options)
+    result = vllm.run_job([{"model": str(model_dir.path), "tasks": tasks}], vllm_options)  # "index" is ours
     outcome = vllm.checked(result["models"][0], str(model_dir.path), len(tasks))
     samples, seconds = vllm.generated(outcome["tasks"], tasks, len(prompts), p.n)
     requests = [{"prompt": prompt.text, "prompt_tokens": len(prompt_ids), "samples": [

@@ -135,7 +135,7 @@ def checked(outcome: Any, model: str, tasks: int) -> dict:
     return outcome
 
 
-def _finite_list(values: Any, length: int, kind: type) -> list:
+def _typed_list(values: Any, length: int, kind: type) -> list:
     if not isinstance(values, list) or len(values) != length or not all(isinstance(v, kind) for v in values):
         raise InfoptError("vLLM's worker result is malformed")
     return values
@@ -148,10 +148,10 @@ def window_scores(task_result: dict, windows: list[list[int]]) -> list[tuple[lis
         raise InfoptError("vLLM's worker result is malformed")
     out = []
     for window, lp, top in zip(windows, lps, tops):
-        lp = [float(v) for v in _finite_list(lp, len(window) - 1, (int, float))]
+        lp = [float(v) for v in _typed_list(lp, len(window) - 1, (int, float))]
         if any(math.isnan(v) or v > 1e-3 for v in lp):
             raise InfoptError("vLLM returned log-probabilities that are not log-probabilities")
-        out.append((lp, _finite_list(top, len(window) - 1, int)))
+        out.append((lp, _typed_list(top, len(window) - 1, int)))
     return out
 
 
@@ -186,11 +186,9 @@ def generated(task_results: list[dict], tasks: list[dict], count: int, n: int) -
     return samples, seconds  # type: ignore[return-value]
 
 
-def known_refusal(quantization_config: dict | None, single_file: bool = False) -> str | None:
+def known_refusal(quantization_config: dict | None) -> str | None:
     """Why vLLM 0.32's CPU build will not load a checkpoint with this quantization_config, in its words, for the
     kinds tests/test_vllm.py measured; None where it loads (or nothing was measured)."""
-    if single_file:
-        return "it has no GGUF loader"
     q = quantization_config or {}
     method = q.get("quant_method")
     if method == "bitsandbytes":
@@ -210,9 +208,6 @@ def known_refusal(quantization_config: dict | None, single_file: bool = False) -
     return None
 
 
-def refusal_note(quantization_config: dict | None, single_file: bool = False) -> str | None:
-    reason = known_refusal(quantization_config, single_file)
-    if reason is None:
-        return None
+def refusal_note(reason: str) -> str:
     return (f"vLLM 0.32's CPU build will not load this output: {reason}. compressed-tensors int4 (the default format, "
             "symmetric or not) loads there")

@@ -8,7 +8,7 @@ TASK: {"kind": "score", "windows": [[ids], ...]}
       -> {"target_logprobs": [[lp of token 1, ...], ...], "top1": [[id predicted at 1, ...], ...]}
       {"kind": "generate", "prompts": [[ids] | "text", ...], "max_tokens": N, "temperature": T, "top_p": P,
        "top_k": K, "seed": S, "n": N}
-      -> {"outputs": [[{"token_ids": [...], "text": "..."}, ...], ...], "seconds": S, "tokens": N}
+      -> {"outputs": [[{"token_ids": [...], "text": "..."}, ...], ...], "seconds": S}
 Models load one after another in this one process (vLLM's start is the slow part). A model that fails to load or
 run gets {"error": "..."}; the others still run. The result file is written whole when every model is done.
 """
@@ -58,8 +58,7 @@ def _generate(llm, task):
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     result = [[{"token_ids": list(c.token_ids), "text": c.text} for c in out.outputs] for out in outputs]
-    return {"outputs": result, "seconds": seconds, "tokens": sum(len(c["token_ids"]) for o in result for c in o),
-            "prompt_token_ids": [list(out.prompt_token_ids) for out in outputs]}
+    return {"outputs": result, "seconds": seconds}
 
 
 def _one_model(entry, shared_args):

@@ -10,6 +10,7 @@ import torch
 
 from infopt.models.loading import load_causal_lm, open_model
 from infopt.quant.spec import QuantSpec
+from infopt.runtime import kernels
 from infopt.runtime.attention import BatchLayout
 from infopt.runtime.engine import Engine, SamplingParams
 from infopt.runtime.generate import generate
@@ -60,10 +61,12 @@ def tiny_dirs(tmp_path_factory):
     return {name: make_tiny_model(arch, root / name, seed=i, **extra) for i, (name, (arch, extra)) in enumerate(CASES.items())}
 
 
+@pytest.mark.parametrize("fused_ops", [True, False], ids=["fused-ops", "torch-ops"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fp32_logits_and_greedy_tokens_match_transformers(tiny_dirs, case):
+def test_fp32_logits_and_greedy_tokens_match_transformers(tiny_dirs, case, fused_ops):
     model_dir = open_model(str(tiny_dirs[case]))
-    reference, model = load_causal_lm(model_dir), load_engine_model(model_dir)
+    reference, model = load_causal_lm(model_dir), load_engine_model(model_dir, fused_ops=fused_ops)
+    assert (model.plan is not None) == (fused_ops and kernels.available())  # small steps: one C++ call
     ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = reference(ids[None]).logits[0]
@@ -208,6 +211,52 @@ def test_fused_projections_compute_what_separate_ones_do(quantized_dirs, stories
     dense_fused, dense = load_engine_model(open_model(str(stories_hf))), load_engine_model(open_model(str(stories_hf)), fuse=False)
     assert torch.equal(_stepwise_logits(dense_fused, ids, 1), _stepwise_logits(dense, ids, 1))
     assert _rel(_stepwise_logits(dense_fused, ids, 12), _stepwise_logits(dense, ids, 12)) < 1e-5  # prefill: torch GEMM
+
+
+def _mixed_step_logits(model, prompts: list[list[int]], extra: list[list[int]], block_size: int = 4) -> torch.Tensor:
+    """Prefill each prompt alone, then one step appending extra[i] (1 token: decode; several: a speculative check)
+    to every sequence at once, all logits returned."""
+    cache = _cache_for(model, block_size=block_size)
+    tables = [BlockTable() for _ in prompts]
+    for table, prompt in zip(tables, prompts):
+        slots = cache.reserve(table, len(prompt))
+        model(torch.tensor(prompt), BatchLayout.build([0], [len(prompt)], [table.blocks], [slots], block_size), cache)
+    starts = [t.length for t in tables]
+    slots = [cache.reserve(t, len(e)) for t, e in zip(tables, extra)]
+    layout = BatchLayout.build(starts, [len(e) for e in extra], [t.blocks for t in tables], slots, block_size, True)
+    return model(torch.tensor([t for e in extra for t in e]), layout, cache)
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"infopt kernels unavailable: {kernels.reason()}")
+@pytest.mark.parametrize("name,backend", [("ct-int4-g128-asym", "ext"), ("ct-int4-g128-asym", "ext-a8"),
+                                          ("ct-int8-channel", "ext"), ("gptq-act-order", "ext"),
+                                          ("bnb-nf4", "ext"), ("ct-int4-g32-sym", None), ("dense", None)])
+def test_the_fused_decode_step_computes_what_the_torch_modules_do(quantized_dirs, stories_hf, name, backend):
+    path = stories_hf if name == "dense" else quantized_dirs[name]
+    fused = load_engine_model(open_model(str(path)), backend=backend)
+    plain = load_engine_model(open_model(str(path)), backend=backend, fused_ops=False)
+    assert fused.plan is not None and plain.plan is None
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (23, 5, 40)]
+    for extra in ([[7], [8], [9]], [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10]]):  # batched decode; decode + checks
+        got, want = _mixed_step_logits(fused, prompts, extra), _mixed_step_logits(plain, prompts, extra)
+        assert got.shape == want.shape == (sum(map(len, extra)), 512)
+        # int8 activations: a last-bit difference upstream can move an activation to the next int8 step
+        assert _rel(got, want) < (1e-2 if backend == "ext-a8" else 1e-5), extra
+
+
+def test_the_torch_backend_keeps_every_op_in_torch(quantized_dirs):
+    model = load_engine_model(open_model(str(quantized_dirs["ct-int4-g32-sym"])), backend="torch")
+    assert model.plan is None and not any(getattr(m, "fused_ops", False) for m in model.modules())
+
+
+def test_the_fused_decode_step_in_bfloat16_stays_with_the_torch_modules(stories_hf):
+    fused = load_engine_model(open_model(str(stories_hf)), torch.bfloat16)
+    plain = load_engine_model(open_model(str(stories_hf)), torch.bfloat16, fused_ops=False)
+    prompts, extra = [[1, 403, 407, 261, 378, 1, 8, 360, 17, 15]], [[263, 260, 372]]
+    got, want = _mixed_step_logits(fused, prompts, extra), _mixed_step_logits(plain, prompts, extra)
+    assert _rel(got, want) < 3e-2  # bf16 activations: one rounding step either way
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
 def test_quantized_model_holds_packed_weights(quantized_dirs):
@@ -369,7 +418,7 @@ def test_unsupported_architectures_fall_back_to_transformers_with_a_notice(tmp_p
 def test_explicit_attention_gives_the_same_logits_as_sdpa(tiny_dirs, monkeypatch):
     from infopt.runtime import attention
 
-    model = load_engine_model(open_model(str(tiny_dirs["mistral-window"])))
+    model = load_engine_model(open_model(str(tiny_dirs["mistral-window"])), fused_ops=False)  # SDPA at every step
     ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(3))
     fused = _stepwise_logits(model, ids, 11)
     monkeypatch.setattr(attention, "sdpa", attention.explicit_attention)

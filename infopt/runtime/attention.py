@@ -10,6 +10,7 @@ A step processes, for each sequence, `new` tokens at positions start ... start +
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +79,19 @@ class BatchLayout:
             self._memo[key] = (block_ids, visible)
         return self._memo[key]
 
+    def token_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For kernels.paged_attention: block ids [sequences, width] (rows padded with block 0 to the longest
+        table this step reads) and the sequence of each token, int64 [tokens]; built once per step."""
+        key = ("tokens", device)
+        if key not in self._memo:
+            width = max(-(-(s + n) // self.block_size) for s, n in zip(self.starts, self.new))
+            tables = torch.tensor([(table[:width] + [0] * width)[:width] for table in self.block_tables],
+                                  dtype=torch.int64, device=device)
+            owners = torch.tensor([i for i, n in enumerate(self.new) for _ in range(n)], dtype=torch.int64,
+                                  device=device)
+            self._memo[key] = (tables, owners)
+        return self._memo[key]
+
     @property
     def all_decode(self) -> bool:
         return all(n == 1 for n in self.new)
@@ -90,9 +104,12 @@ class BatchLayout:
     @classmethod
     def build(cls, starts: list[int], new: list[int], block_tables: list[list[int]], slots: list[torch.Tensor],
               block_size: int, all_logits: bool = False) -> BatchLayout:
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, new)])
-        rows = None if all_logits else torch.tensor(new).cumsum(0) - 1
-        return cls(starts, new, block_tables, positions, torch.cat(slots), rows, block_size)
+        # built from Python lists: a decode step's few tokens cost one tensor each, not several aten calls
+        positions = torch.tensor([p for s, n in zip(starts, new) for p in range(s, s + n)], dtype=torch.int64)
+        ends = list(itertools.accumulate(new))
+        rows = None if all_logits else torch.tensor([e - 1 for e in ends], dtype=torch.int64)
+        return cls(starts, new, block_tables, positions, slots[0] if len(slots) == 1 else torch.cat(slots), rows,
+                   block_size)
 
 
 def _window_mask(query_pos: torch.Tensor, key_len: int, window: int | None) -> torch.Tensor:

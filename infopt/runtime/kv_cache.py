@@ -106,10 +106,10 @@ class KVCache:
             self._copy_on_write(table, first_block)
         while len(table.blocks) * self.block_size < table.length + new_tokens:
             table.blocks.append(self.allocator.allocate())
-        positions = torch.arange(table.length, table.length + new_tokens)
-        blocks = torch.tensor(table.blocks, dtype=torch.int64)[positions // self.block_size]
+        bs, blocks = self.block_size, table.blocks
+        slots = [blocks[p // bs] * bs + p % bs for p in range(table.length, table.length + new_tokens)]
         table.length += new_tokens
-        return blocks * self.block_size + positions % self.block_size
+        return torch.tensor(slots, dtype=torch.int64)
 
     def _copy_on_write(self, table: BlockTable, index: int) -> None:
         old, new = table.blocks[index], self.allocator.allocate()

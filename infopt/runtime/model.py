@@ -138,14 +138,17 @@ class Rotary:
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin [tokens, 1, rotary_dim] for apply_rotary: the sin of the first half negated."""
-        needed = int(positions.max()) + 1 if positions.numel() else 0
+        self.cover(int(positions.max()) + 1 if positions.numel() else 0)
+        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
+
+    def cover(self, needed: int) -> None:
+        """Grow the fp32 tables (self.cos, self.sin: [positions, rotary_dim]) to at least `needed` positions."""
         if needed > self.cos.shape[0]:
             length = max(needed, 2 * self.cos.shape[0], 256)
             angles = torch.outer(torch.arange(length, dtype=torch.float32), self.inv_freq)
             sin = angles.sin() * self.scaling
             self.cos = (torch.cat([angles, angles], dim=-1).cos() * self.scaling).to(self.device)
             self.sin = torch.cat([-sin, sin], dim=-1).to(self.device)
-        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -161,12 +164,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return torch.cat([out, x[..., dim:]], dim=-1) if dim < x.shape[-1] else out
 
 
+# Most new tokens of one sequence in a step that attention computes with kernels.paged_attention (decode steps,
+# speculative checks, short prompts); longer prompts go to SDPA's kernels.
+FUSED_ATTENTION_TOKENS = 16
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+    """With `fused_ops`, one C++ op (kernels.rms_norm) instead of the eight aten calls of the torch form."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, fused_ops: bool = False) -> None:
         super().__init__()
-        self.weight, self.eps = weight, eps
+        self.weight, self.eps, self.fused_ops = weight, eps, fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_ops:
+            return kernels.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -188,13 +200,22 @@ class DenseLinear(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
+    def kernel_record(self) -> kernels.LinearRecord | None:
+        """This product as a record of kernels.decode_step: the kernel up to the tokens forward() gives it."""
+        if self.weight.device.type != "cpu":
+            return None
+        tokens = self.kernel_elements // self.weight.shape[1]
+        return [self.weight, None, None, None, None, self.bias], [kernels.LINEAR_DENSE, tokens, 0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_f = self.weight.shape[1]
         if x.numel() <= self.kernel_elements:
-            y = kernels.dense_matmul(x.reshape(-1, in_f), self.weight)
+            flat = x.dim() == 2  # the runtime's own inputs: no reshapes (each is a Python-level call per token)
+            y = kernels.dense_matmul(x if flat else x.reshape(-1, self.weight.shape[1]), self.weight)
             if self.bias is not None:
                 y = y + self.bias
-            return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
+            return y if flat else y.reshape(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -228,15 +249,18 @@ class Projections(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.fused is not None:
-            return self.fused(x).split(self.sizes, dim=-1)
+            return self.fused(x).split_with_sizes(self.sizes, dim=-1)
         return tuple(p(x) for p in self.parts)
 
 
 class Attention(nn.Module):
+    """With `fused_ops`, rotary + KV write is one C++ op, and small steps attend over the cache blocks in place
+    (kernels.paged_attention) instead of gathering them for SDPA."""
+
     def __init__(self, shape: ModelShape, layer: int, linears: dict[str, nn.Module], norms: dict[str, RMSNorm],
-                 fuse: bool = True) -> None:
+                 fuse: bool = True, fused_ops: bool = False) -> None:
         super().__init__()
-        self.shape, self.layer = shape, layer
+        self.shape, self.layer, self.fused_ops = shape, layer, fused_ops
         self.qkv = Projections([linears[n] for n in ("q_proj", "k_proj", "v_proj")], fuse)
         self.o_proj = linears["o_proj"]
         self.q_norm, self.k_norm = norms.get("q_norm"), norms.get("k_norm")
@@ -251,20 +275,33 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        cache.write(self.layer, layout.slots, k, v)
-        out = attend(q, k, v, layout, cache, self.layer, s.head_dim ** -0.5, s.sliding_window)
+        scale = s.head_dim ** -0.5
+        keys, values = cache.keys[self.layer], cache.values[self.layer]
+        if self.fused_ops and keys.dtype == q.dtype:
+            kernels.rotary_kv_write(q, k, v, cos, sin, keys, values, layout.slots)
+            if max(layout.new) <= FUSED_ATTENTION_TOKENS:
+                tables, owners = layout.token_tables(q.device)
+                out = kernels.paged_attention(q, keys, values, tables, owners, layout.positions, scale,
+                                              s.sliding_window)
+                return self.o_proj(out.reshape(-1, s.num_heads * s.head_dim))
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            cache.write(self.layer, layout.slots, k, v)
+        out = attend(q, k, v, layout, cache, self.layer, scale, s.sliding_window)
         return self.o_proj(out.reshape(-1, s.num_heads * s.head_dim))
 
 
 class MLP(nn.Module):
-    def __init__(self, linears: dict[str, nn.Module], fuse: bool = True) -> None:
+    def __init__(self, linears: dict[str, nn.Module], fuse: bool = True, fused_ops: bool = False) -> None:
         super().__init__()
         self.gate_up = Projections([linears["gate_proj"], linears["up_proj"]], fuse)
         self.down_proj = linears["down_proj"]
+        self.fused_ops = fused_ops  # silu(gate) * up as one C++ op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
+        if self.fused_ops and gate.dim() == 2:
+            return self.down_proj(kernels.silu_mul(gate, up))
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -276,7 +313,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: BatchLayout, cache: KVCache,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), layout, cache, rope)
+        """The layer's output; with fused norms x (the model's own residual stream) is updated in place."""
+        attn = self.self_attn(self.input_layernorm(x), layout, cache, rope)
+        if self.post_attention_layernorm.fused_ops:
+            h = kernels.add_rms_norm(x, attn, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
+            return x.add_(self.mlp(h))
+        x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -290,10 +332,35 @@ class EngineModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.dtype = dtype
         self.notes: list[str] = []
+        self.plan = self.decode_plan()
 
     @property
     def device(self) -> torch.device:
         return self.embed.device
+
+    def decode_plan(self) -> tuple[list, list[int]] | None:
+        """The model as kernels.decode_step takes it, or None where a layer has no fused form (fused ops off, q/k/v
+        or gate/up not one product, a product only the Python path computes)."""
+        head = getattr(self.lm_head, "kernel_record", lambda: None)()
+        if head is None or not self.norm.fused_ops:
+            return None
+        tensors, ints = [], []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if not (attn.fused_ops and mlp.fused_ops and layer.post_attention_layernorm.fused_ops):
+                return None
+            if attn.qkv.fused is None or mlp.gate_up.fused is None or len(set(mlp.gate_up.sizes)) != 1:
+                return None
+            records = [getattr(m, "kernel_record", lambda: None)()
+                       for m in (attn.qkv.fused, attn.o_proj, mlp.gate_up.fused, mlp.down_proj)]
+            if any(r is None for r in records):
+                return None
+            norms = (layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm)
+            tensors += [None if n is None else n.weight for n in norms]
+            for layer_tensors, layer_ints in records:
+                tensors += layer_tensors
+                ints += layer_ints
+        return tensors + [self.norm.weight] + head[0], ints + head[1]
 
     def to_device(self, device: str | torch.device) -> EngineModel:
         """Move every dense tensor to `device` (tensors shared between modules stay shared)."""
@@ -308,6 +375,11 @@ class EngineModel(nn.Module):
                 tensor = module.__dict__.get(name)
                 if isinstance(tensor, torch.Tensor):
                     module.__dict__[name] = move(tensor)
+        if torch.device(device).type != "cpu":  # the fused ops are CPU kernels
+            for module in self.modules():
+                if hasattr(module, "fused_ops"):
+                    module.fused_ops = False
+            self.plan = None
         self.rotary.device = torch.device(device)
         self.rotary.cos = self.rotary.sin = torch.empty(0)
         return self
@@ -318,6 +390,14 @@ class EngineModel(nn.Module):
         if self.device.type != "cpu":
             tokens, layout = tokens.to(self.device), layout.to(self.device)
         x = F.embedding(tokens, self.embed)
+        if (self.plan is not None and max(layout.new) <= FUSED_ATTENTION_TOKENS and cache.dtype == x.dtype
+                and len(tokens) <= kernels.MAX_KERNEL_TOKENS):
+            s, rotary = self.shape, self.rotary
+            rotary.cover(max(start + n for start, n in zip(layout.starts, layout.new)))
+            tables, owners = layout.token_tables(x.device)
+            return kernels.decode_step(x, self.plan, cache.keys, cache.values, rotary.cos, rotary.sin, layout.slots,
+                                       tables, owners, layout.positions, layout.logit_rows, s.num_heads,
+                                       s.num_kv_heads, s.head_dim, s.rms_eps, s.head_dim ** -0.5, s.sliding_window)
         rope = self.rotary.tables(layout.positions, x.dtype)  # the same for every layer
         for layer in self.layers:
             x = layer(x, layout, cache, rope)
@@ -361,11 +441,13 @@ def _dense_kernels(backend: str | None, device: str) -> bool:
 
 def build_engine_model(config: dict, state: dict[str, torch.Tensor], quantized: dict,
                        dtype: torch.dtype = torch.float32, backend: str | None = None,
-                       device: str = "cpu", fuse: bool = True) -> EngineModel:
+                       device: str = "cpu", fuse: bool = True, fused_ops: bool = True) -> EngineModel:
     """The compact model from a config dict, dense tensors and quantized weights (both consumed).
 
     On a CUDA device quantized weights use the Triton kernels (backend "triton") and dense ones move there.
-    With `fuse`, q/k/v and gate/up are concatenated into one product each where their layouts allow.
+    With `fuse`, q/k/v and gate/up are concatenated into one product each where their layouts allow. With
+    `fused_ops` (on the CPU, where the C++ kernels are in use) RMSNorm, the residual add, rotary + KV write, small
+    steps' attention and silu * up run as single C++ ops (decode_ops.cpp) instead of plain torch.
     """
     if device != "cpu":
         backend = "triton"
@@ -375,8 +457,10 @@ def build_engine_model(config: dict, state: dict[str, torch.Tensor], quantized: 
     shape = ModelShape.from_config(config)
     prefix = "model.language_model." if "model.language_model.embed_tokens.weight" in state else "model."
 
+    fused_ops = fused_ops and _dense_kernels(backend, device)
+
     def norm(name: str) -> RMSNorm:
-        return RMSNorm(state.pop(name).to(dtype), shape.rms_eps)
+        return RMSNorm(state.pop(name).to(dtype).contiguous(), shape.rms_eps, fused_ops)
 
     layers = []
     for i in range(shape.num_layers):
@@ -386,8 +470,8 @@ def build_engine_model(config: dict, state: dict[str, torch.Tensor], quantized: 
         lin |= {n: _linear(p + f"mlp.{n}", state, quantized, dtype, backend, device)
                 for n in ("gate_proj", "up_proj", "down_proj")}
         qk = {n: norm(p + f"self_attn.{n}.weight") for n in ("q_norm", "k_norm")} if shape.qk_norm else {}
-        attn = Attention(shape, i, lin, qk, fuse)
-        layers.append(DecoderLayer(attn, MLP(lin, fuse), norm(p + "input_layernorm.weight"),
+        attn = Attention(shape, i, lin, qk, fuse, fused_ops)
+        layers.append(DecoderLayer(attn, MLP(lin, fuse, fused_ops), norm(p + "input_layernorm.weight"),
                                    norm(p + "post_attention_layernorm.weight")))
     embed = state.pop(f"{prefix}embed_tokens.weight").to(dtype)
     if "lm_head.weight" in state or "lm_head.weight" in quantized:
@@ -401,8 +485,8 @@ def build_engine_model(config: dict, state: dict[str, torch.Tensor], quantized: 
 
 
 def load_engine_model(model_dir: ModelDir, dtype: torch.dtype = torch.float32, backend: str | None = None,
-                      device: str = "cpu", fuse: bool = True) -> EngineModel:
-    """The compact model for a checkpoint folder; quantized weights stay packed."""
+                      device: str = "cpu", fuse: bool = True, fused_ops: bool = True) -> EngineModel:
+    """The compact model for a checkpoint folder; quantized weights stay packed (see build_engine_model)."""
     reason = unsupported_reason(model_dir.config)
     if reason:
         raise InfoptError(f"the infopt runtime does not support {reason}")
@@ -413,4 +497,4 @@ def load_engine_model(model_dir: ModelDir, dtype: torch.dtype = torch.float32, b
 
         quantized, state = read_quantized(model_dir.files, model_dir.config)
         quantized = dict(quantized)
-    return build_engine_model(model_dir.config, dict(state), quantized, dtype, backend, device, fuse)
+    return build_engine_model(model_dir.config, dict(state), quantized, dtype, backend, device, fuse, fused_ops)

@@ -132,6 +132,14 @@ class QuantLinear(nn.Module):
             y = y + self.bias
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
+    def kernel_record(self) -> kernels.LinearRecord | None:
+        """This product as a record of kernels.decode_step (None where only the Python path computes it)."""
+        if self.gpu is not None:
+            return None
+        if self.dense is not None:
+            return [self.dense, None, None, None, None, self.bias], [kernels.LINEAR_FLOAT, 0, 0]
+        return kernels.packed_record(self.packed, self.backend, self.bias)
+
     def extra_repr(self) -> str:
         if self.gpu is not None:
             layout = f"triton int{self.gpu.bits}, group {self.gpu.group_size}"

@@ -136,3 +136,67 @@ def dense_weight(w: PackedWeight) -> torch.Tensor:
         else:
             dense[row0:row1, w.perm] = tile
     return dense
+
+
+# Fused ops of the small steps (decode_ops.cpp). Each takes and returns tensors in the activation dtype (fp32,
+# bf16 or fp16, CPU) and matches the plain-torch form in model.py / attention.py up to summation order.
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x [..., n] with weight [n] (x's dtype)."""
+    if x.dim() == 2:
+        return _ext().rms_norm(x, weight, eps)
+    return _ext().rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).reshape(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x += delta in place (x [tokens, n], contiguous rows), then RMSNorm of the sum."""
+    return _ext().add_rms_norm(x, delta if delta.dim() == 2 else delta.reshape(x.shape), weight, eps)
+
+
+def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """Rotate q [tokens, heads, dim] and k [tokens, kv_heads, dim] in place by Rotary.tables' cos / signed sin,
+    and store k and v at their flat slots of the [blocks, block_size, kv_heads, dim] caches."""
+    _ext().rotary_kv_write(q, k, v, cos, sin, key_cache, value_cache, slots)
+
+
+def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
+                    token_seq: torch.Tensor, token_pos: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+    """[tokens, heads, dim]: each query token attends to keys 0 .. its position (the last `window` of them) of its
+    sequence (row token_seq of block_tables [sequences, blocks]), read from the cache blocks in place."""
+    return _ext().paged_attention(q, key_cache, value_cache, block_tables, token_seq, token_pos, scale, window or 0)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for [tokens, n] views with contiguous rows (the halves of a fused gate/up product)."""
+    return _ext().silu_mul(gate, up)
+
+
+# Linear kinds of decode_step's records (decode_ops.cpp): [a, b, c, d, e, bias] tensors and [kind, p1, p2] ints.
+LINEAR_DENSE, LINEAR_LUT4, LINEAR_INT8, LINEAR_LUT4_A8, LINEAR_FLOAT = range(5)
+LinearRecord = tuple[list, list[int]]
+
+
+def packed_record(w: PackedWeight, backend: str, bias: torch.Tensor | None) -> LinearRecord | None:
+    """decode_step's record of a packed weight on backend "ext" or "ext-a8" (None for others)."""
+    kinds = {("ext", "lut4"): LINEAR_LUT4, ("ext", "int8"): LINEAR_INT8, ("ext-a8", "lut4"): LINEAR_LUT4_A8}
+    kind = kinds.get((backend, w.kind))
+    if kind is None:
+        return None
+    return [w.data, w.scale, w.zero, w.lut if kind == LINEAR_LUT4 else None, w.perm, bias], [kind, w.group_size,
+                                                                                               w.out_features]
+
+
+def decode_step(x: torch.Tensor, plan: tuple[list, list[int]], key_caches: list[torch.Tensor],
+                value_caches: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                block_tables: torch.Tensor, token_seq: torch.Tensor, token_pos: torch.Tensor,
+                logit_rows: torch.Tensor | None, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
+                scale: float, window: int | None) -> torch.Tensor:
+    """A small step's forward in one C++ call: fp32 logits at logit_rows (None: every row) for the embedded tokens
+    x [tokens, hidden] (overwritten: it carries the residual stream).
+
+    plan: EngineModel.decode_plan(): per layer the input, post-attention, q and k norm weights (None without) and
+    the records of the fused q/k/v, o_proj, fused gate/up and down_proj products; then the final norm weight and the
+    lm_head record. cos / sin: Rotary's fp32 tables [positions, rotary_dim] covering token_pos."""
+    tensors, ints = plan
+    return _ext().decode_step(x, tensors, ints, key_caches, value_caches, cos, sin, slots, block_tables, token_seq,
+                              token_pos, logit_rows, num_heads, num_kv_heads, head_dim, eps, scale, window or 0)

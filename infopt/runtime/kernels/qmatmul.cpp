@@ -590,6 +590,26 @@ at::Tensor int8_dequant(const at::Tensor& codes, const at::Tensor& scale, const 
 
 }  // namespace
 
+// The products for decode_ops.cpp's layer loop (declared there): direct calls, no dispatcher round trip.
+namespace infopt {
+at::Tensor dense_product(const at::Tensor& x, const at::Tensor& weight) { return dense_mm(x, weight); }
+at::Tensor lut4_product(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                        const std::optional<at::Tensor>& zero, const at::Tensor& lut, int64_t group_size,
+                        int64_t out_features, const std::optional<at::Tensor>& perm) {
+  return lut4_mm(x, packed, scale, zero, lut, group_size, out_features, perm);
+}
+at::Tensor int8_product(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                        const std::optional<at::Tensor>& zero, int64_t group_size, int64_t out_features,
+                        const std::optional<at::Tensor>& perm) {
+  return int8_mm(x, codes, scale, zero, group_size, out_features, perm);
+}
+at::Tensor lut4_a8_product(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                           const std::optional<at::Tensor>& zero, int64_t group_size, int64_t out_features,
+                           const std::optional<at::Tensor>& perm) {
+  return lut4_mm_a8(x, packed, scale, zero, group_size, out_features, perm);
+}
+}  // namespace infopt
+
 TORCH_LIBRARY(infopt_kernels, m) {
   m.def("lut4_mm", &lut4_mm);
   m.def("int8_mm", &int8_mm);

@@ -33,7 +33,8 @@ TITLES = {"foundation": "RTN and packing (foundation)", "gptq": "GPTQ, AWQ, NF4/
           "gguf": "GGUF next to llama.cpp's own quantizer",
           "recovery": "Block-wise recovery (--recover) next to GPTQ, AWQ and auto-round",
           "qat": "End-to-end QAT (infopt qat) on top of block-wise recovery",
-          "engines": "Engines side by side: infopt, llama.cpp, vLLM CPU and transformers on a 706M Llama"}
+          "engines": "Engines side by side: infopt, llama.cpp, vLLM CPU and transformers on a 706M Llama",
+          "overhead": "Per-token overhead of small models: the fused C++ decode step"}
 BY_HAND = {"gpu": "written by hand from benchmarks/gpu_check.py and benchmarks/gpu_session.py on a CUDA machine"}
 
 
@@ -101,6 +102,11 @@ def run_section(name: str, work: Path, repeats: int) -> list[str]:
         from train_bench_model import ensure_bench_model
 
         return bench_runtime.section(_stories(work), ensure_bench_model(THREADS))
+    if name == "overhead":
+        import bench_overhead
+        from train_bench_model import ensure_bench_model
+
+        return bench_overhead.section(ensure_bench_model(THREADS), _stories(work), THREADS)
     if name == "speculative":
         import bench_speculative
         from synthetic import widen_llama

@@ -167,6 +167,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 # Most new tokens of one sequence in a step that attention computes with kernels.paged_attention (decode steps,
 # speculative checks, short prompts); longer prompts go to SDPA's kernels.
 FUSED_ATTENTION_TOKENS = 16
+# Most rows the modules hand to the fused elementwise ops (one thread each); larger steps (prefill) keep torch's
+# vectorized, multi-threaded ops.
+FUSED_OPS_TOKENS = 64
 
 
 class RMSNorm(nn.Module):
@@ -177,7 +180,7 @@ class RMSNorm(nn.Module):
         self.weight, self.eps, self.fused_ops = weight, eps, fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_ops:
+        if self.fused_ops and x.shape[0] <= FUSED_OPS_TOKENS:
             return kernels.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -277,7 +280,7 @@ class Attention(nn.Module):
         cos, sin = rope
         scale = s.head_dim ** -0.5
         keys, values = cache.keys[self.layer], cache.values[self.layer]
-        if self.fused_ops and keys.dtype == q.dtype:
+        if self.fused_ops and keys.dtype == q.dtype and q.shape[0] <= FUSED_OPS_TOKENS:
             kernels.rotary_kv_write(q, k, v, cos, sin, keys, values, layout.slots)
             if max(layout.new) <= FUSED_ATTENTION_TOKENS:
                 tables, owners = layout.token_tables(q.device)
@@ -300,7 +303,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
-        if self.fused_ops and gate.dim() == 2:
+        if self.fused_ops and gate.dim() == 2 and gate.shape[0] <= FUSED_OPS_TOKENS:
             return self.down_proj(kernels.silu_mul(gate, up))
         return self.down_proj(F.silu(gate) * up)
 
@@ -315,7 +318,7 @@ class DecoderLayer(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """The layer's output; with fused norms x (the model's own residual stream) is updated in place."""
         attn = self.self_attn(self.input_layernorm(x), layout, cache, rope)
-        if self.post_attention_layernorm.fused_ops:
+        if self.post_attention_layernorm.fused_ops and x.shape[0] <= FUSED_OPS_TOKENS:
             h = kernels.add_rms_norm(x, attn, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
             return x.add_(self.mlp(h))
         x = x + attn

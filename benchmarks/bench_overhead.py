@@ -24,46 +24,45 @@ BEFORE = "fd5d47e"  # the last commit whose runtime ran every small op from Pyth
 NEW_TOKENS = 128
 PROMPT = list(range(5, 21))
 
-# One decode measurement in whichever infopt is first on sys.path: median of `runs` tok/s after two warm-ups.
-TIMER = """
-import statistics, sys, torch
-torch.set_num_threads(int(sys.argv[3]))
-from infopt.models.loading import open_model
-from infopt.runtime.engine import Engine, SamplingParams
-from infopt.runtime.kv_cache import KVCache
-from infopt.runtime.model import load_engine_model
-import infopt
-infopt_file = infopt.__file__
-model = load_engine_model(open_model(sys.argv[1]))
-def rate():
-    engine = Engine(model, KVCache.for_model(model, 64), max_batch=1)
-    engine.submit(list(range(5, 21)), SamplingParams(max_new_tokens={tokens}))
-    engine.run()
-    return engine.timings.decode_tokens / engine.timings.decode_seconds
-rate(); rate()
-print(statistics.median(rate() for _ in range(int(sys.argv[2]))))
-""".format(tokens=NEW_TOKENS)
-
-
-def _current_rate(model, runs: int) -> float:
+# One decode measurement, median of `runs` tok/s after two warm-ups, with whichever infopt is first on sys.path:
+# the same source runs in this process and, for the old commit, in a fresh one.
+MEDIAN_RATE = f"""
+def median_rate(model, runs):
+    import statistics
     from infopt.runtime.engine import Engine, SamplingParams
     from infopt.runtime.kv_cache import KVCache
 
-    def rate() -> float:
+    def rate():
         engine = Engine(model, KVCache.for_model(model, 64), max_batch=1)
-        engine.submit(PROMPT, SamplingParams(max_new_tokens=NEW_TOKENS))
+        engine.submit({PROMPT!r}, SamplingParams(max_new_tokens={NEW_TOKENS}))
         engine.run()
         return engine.timings.decode_tokens / engine.timings.decode_seconds
 
     rate(), rate()
     return statistics.median(rate() for _ in range(runs))
+"""
+TIMER = MEDIAN_RATE + """
+import sys, torch
+torch.set_num_threads(int(sys.argv[3]))
+import infopt
+from infopt.models.loading import open_model
+from infopt.runtime.model import load_engine_model
+assert infopt.__file__.startswith(sys.argv[4]), infopt.__file__
+print(median_rate(load_engine_model(open_model(sys.argv[1])), int(sys.argv[2])))
+"""
+
+
+def _current_rate(model, runs: int) -> float:
+    namespace: dict = {}
+    exec(MEDIAN_RATE, namespace)  # noqa: S102 (this module's own source text)
+    return namespace["median_rate"](model, runs)
 
 
 def _old_rate(tree: Path, model_dir: Path, runs: int, threads: int) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree), "INFOPT_EXT_DIR": str(tree / "ext"), "HF_HUB_OFFLINE": "1"}
     # cwd: `python -c` puts the working folder first on sys.path, so it must be the old tree, not this checkout
-    done = subprocess.run([sys.executable, "-c", TIMER + "\nassert infopt_file.startswith(sys.argv[4])",
-                           str(model_dir), str(runs), str(threads), str(tree)], env=env, cwd=tree,
+    done = subprocess.run([sys.executable, "-c", TIMER, str(model_dir), str(runs), str(threads), str(tree)],
+                          env=env, cwd=tree,
                           capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 

@@ -68,9 +68,8 @@ class BatchLayout:
         context) and which of those keys each sequence sees, [batch, width * block_size]; built once per step."""
         key = ("padded", window, device)
         if key not in self._memo:
-            width = -(-(max(self.starts) + 1) // self.block_size)
-            block_ids = torch.tensor([(table[:width] + [0] * width)[:width] for table in self.block_tables],
-                                     dtype=torch.int64, device=device)
+            block_ids = self._block_ids(device)
+            width = block_ids.shape[1]
             lengths = torch.tensor([s + 1 for s in self.starts], device=device)
             positions = torch.arange(width * self.block_size, device=device)
             visible = positions.unsqueeze(0) < lengths.unsqueeze(1)
@@ -84,12 +83,20 @@ class BatchLayout:
         table this step reads) and the sequence of each token, int64 [tokens]; built once per step."""
         key = ("tokens", device)
         if key not in self._memo:
-            width = max(-(-(s + n) // self.block_size) for s, n in zip(self.starts, self.new))
-            tables = torch.tensor([(table[:width] + [0] * width)[:width] for table in self.block_tables],
-                                  dtype=torch.int64, device=device)
+            tables = self._block_ids(device)
             owners = torch.tensor([i for i, n in enumerate(self.new) for _ in range(n)], dtype=torch.int64,
                                   device=device)
             self._memo[key] = (tables, owners)
+        return self._memo[key]
+
+    def _block_ids(self, device: torch.device) -> torch.Tensor:
+        """int64 [sequences, width]: each block table cut or padded with block 0 to the longest context this step
+        reads (its cached tokens plus its new ones); built once per step."""
+        key = ("blocks", device)
+        if key not in self._memo:
+            width = max(-(-(s + n) // self.block_size) for s, n in zip(self.starts, self.new))
+            self._memo[key] = torch.tensor([(table[:width] + [0] * width)[:width] for table in self.block_tables],
+                                           dtype=torch.int64, device=device)
         return self._memo[key]
 
     @property

@@ -379,7 +379,7 @@ def _fingerprint(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, windows
                 "plan": [(e.module, e.spec.describe() if e.spec else None) for e in plan.entries],
                 "options": config_values(req.config), "storage": str(storage), "fmt": req.format_name,
                 "recovery": None if req.recovery is None else config_values(req.recovery),
-                "forward_dtype": str(resolve_forward_dtype(config.forward_dtype, req.method,
+                "forward_dtype": str(resolve_forward_dtype(config.forward_dtype, req.entry.bf16_forwards,
                                                            resolve_device(config.device)))}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     digest.update(windows.numpy().tobytes())
@@ -411,7 +411,8 @@ def _run_calibrated(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, fmt:
             seed = req.calibration.seed if req.calibration is not None else 0
             method = Recovery(method, req.recovery, fmt.storage, seed)
         specs = {e.module: e.spec for e in plan.quantized}
-        forward_dtype = resolve_forward_dtype(config.forward_dtype, req.method, str(stream.device))
+        forward_dtype = resolve_forward_dtype(config.forward_dtype, req.entry.bf16_forwards,
+                                              str(stream.device))
         timing = run_layers(stream, windows, specs, method, work_dir, done, config.activation_torch_dtype(),
                             config.offload_activations, progress, forward_dtype)
     except (InfoptError, OSError):

@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from infopt.formats.safetensors_io import weight_files
 from infopt.models.adapters import ADAPTERS
@@ -157,3 +159,98 @@ def test_a_dead_channel_gets_a_finite_scale(tiny, tmp_path):
     ppl = evaluate_checkpoint(str(tmp_path / "awq"), "tinystories", max_windows=4)["ppl"]
     source_ppl = evaluate_checkpoint(str(src), "tinystories", max_windows=4)["ppl"]
     assert ppl < source_ppl * 1.1
+
+
+def _layer_context(arch, tmp_path, forward_dtype=None, **extra):
+    """Layer 0 of a tiny model as the driver hands it to a method, on 6 windows of 32 tokens."""
+    from infopt.quant.driver import ActivationStore, LayerContext, Linear
+
+    stream = LayerStream(open_model(str(make_tiny_model(arch, tmp_path / arch, **extra))))
+    ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0))
+    captured = stream.capture_inputs(ids)
+    store = ActivationStore(tuple(captured.hidden.shape), torch.float32)
+    store.data.copy_(captured.hidden)
+    layer = stream.load_layer(0)
+    modules = dict(layer.named_modules())
+    groups = [[Linear(rel, modules[rel], QuantSpec(4, 32, False)) for rel in group] for group in
+              stream.adapter.linear_groups]
+    attention = (stream.adapter.attention, stream.adapter.attention_out)
+    ctx = LayerContext(0, layer, groups, store, captured.kwargs[0], stream.device, torch.float32, 2, attention,
+                       forward_dtype=forward_dtype)
+    return stream.adapter, ctx
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
+def test_one_observation_pass_sees_what_the_sequential_search_would(arch, tmp_path):
+    """AWQ observes every scale group's inputs in one pass before any scale is folded. The search folds group by
+    group, so each later group is scored on the inputs of a layer with the earlier scales folded in: the same
+    inputs, because a fold leaves the layer's function unchanged."""
+    from infopt.quant.awq import AWQConfig, AWQMethod, _Observed
+
+    extra = {"num_key_value_heads": 4} if arch in ("llama", "gemma") else {}  # o_proj foldable there
+    adapter, ctx = _layer_context(arch, tmp_path, **extra)
+    method = AWQMethod(adapter, AWQConfig(search_tokens=64))  # 2 of the 6 windows
+    groups = [g for g in adapter.scale_groups if method._unscalable(
+        ctx, g, list(g.linears), {rel: None for rel in g.linears}) is None]
+    assert len(groups) >= 2
+    linears = [[ctx.layer.get_submodule(rel) for rel in g.linears] for g in groups]
+    at_once = method._observe_scale_inputs(ctx, [members[0] for members in linears])
+    gen = torch.Generator().manual_seed(1)
+    for group, members, seen in zip(groups, linears, at_once):
+        sequential = _Observed(ctx, method._search_windows(6, 32), 0, 0)
+        ctx.observe_inputs(members[0], sequential.add)
+        torch.testing.assert_close(seen.abs_mean(), sequential.abs_mean(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(seen.windows(), sequential.windows(), rtol=1e-4, atol=1e-5)
+        assert seen.windows().shape[0] == 2
+        width = members[0].in_features
+        fold_scale(ctx.layer.get_submodule(group.prev), members, torch.rand(width, generator=gen) * 3 + 0.2,
+                   adapter.norm_offset)
+
+
+def test_observing_several_modules_in_one_pass_gives_each_its_own_inputs(tmp_path):
+    _, ctx = _layer_context("llama", tmp_path)
+    q, down = ctx.layer.self_attn.q_proj, ctx.layer.mlp.down_proj
+    alone = {"q": [], "down": []}
+    ctx.observe_inputs(q, alone["q"].append)
+    ctx.observe_inputs(down, alone["down"].append)
+    together = {"q": [], "down": []}
+    ctx.observe_many([(down, together["down"].append), (q, together["q"].append)])
+    for name in alone:
+        assert len(together[name]) == len(alone[name]) == 3  # one per micro-batch of 2 windows
+        for a, b in zip(alone[name], together[name]):
+            assert torch.equal(a, b)
+
+
+def test_reduced_precision_forwards_pass_the_rotary_tables_in_that_dtype(tmp_path):
+    _, fp32 = _layer_context("llama", tmp_path / "a")
+    _, bf16 = _layer_context("llama", tmp_path / "b", forward_dtype=torch.bfloat16)
+    assert fp32.forward_kwargs is fp32.kwargs
+    cos, sin = bf16.forward_kwargs["position_embeddings"]
+    assert cos.dtype == sin.dtype == torch.bfloat16
+    assert bf16.kwargs["position_embeddings"][0].dtype == torch.float32  # the fp32 tables stay for fp32 forwards
+    torch.testing.assert_close(cos.float(), bf16.kwargs["position_embeddings"][0], rtol=1e-2, atol=1e-2)
+    x = bf16.inputs.data[:2]
+    with torch.no_grad():
+        exact = fp32.layer(x, **fp32.kwargs)
+        exact = exact[0] if isinstance(exact, tuple) else exact
+        with bf16.forward_precision():
+            fast = bf16.layer(x, **bf16.forward_kwargs)
+        fast = fast[0] if isinstance(fast, tuple) else fast
+    assert float((fast.float() - exact).norm() / exact.norm()) < 2e-2
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens=st.integers(1, 40), groups=st.integers(1, 4), width=st.integers(1, 24), out=st.integers(1, 9),
+       seed=st.integers(0, 2**16))
+def test_group_errors_through_the_gram_matrix_equal_the_direct_products(tokens, groups, width, out, seed):
+    from infopt.quant.awq import GroupErrors
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, groups, width, generator=g) * (torch.rand(groups, width, generator=g) * 5)
+    diff = torch.randn(out, groups, width, generator=g) * 0.01
+    exact = torch.einsum("tgw,ogw->tgo", x.double(), diff.double()).pow(2).mean(0).T
+    errors = GroupErrors(x)
+    assert (errors.gram is not None) == (width <= tokens)  # the Gram path only where it is the cheaper one
+    torch.testing.assert_close(errors(diff), exact, rtol=1e-5, atol=1e-12)
+    errors.gram = None  # the direct path
+    torch.testing.assert_close(errors(diff), exact, rtol=1e-5, atol=1e-12)

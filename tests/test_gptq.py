@@ -257,13 +257,22 @@ def test_linears_sharing_an_input_quantize_as_one_stacked_matrix():
 def test_forward_dtype_choices(choice, expected):
     from infopt.quant.precision import resolve_forward_dtype
 
-    assert resolve_forward_dtype(choice, "gptq", "cpu") is expected
-    assert resolve_forward_dtype("auto", "awq", "cpu") is None  # AWQ's grid search stays fp32
+    from infopt.device import fast_bf16
+    from infopt.quant.registry import get_method
+
+    assert resolve_forward_dtype(choice, True, "cpu") is expected
+    assert resolve_forward_dtype(choice, False, "cpu") is expected  # an explicit choice holds for every method
+    assert resolve_forward_dtype("auto", False, "cpu") is None
+    native = torch.bfloat16 if fast_bf16("cpu") else None
+    assert resolve_forward_dtype("auto", True, "cpu") is native
+    # the registry entries say which methods take bf16 forwards under auto
+    assert get_method("gptq").bf16_forwards and get_method("awq").bf16_forwards
+    assert not get_method("rtn").bf16_forwards
     with pytest.raises(InfoptError, match="--forward-dtype"):
-        resolve_forward_dtype("half", "gptq", "cpu")
+        resolve_forward_dtype("half", True, "cpu")
 
 
-def test_bf16_forwards_change_little_and_keep_fp32_attention(tiny_llama, tmp_path):
+def test_bf16_forwards_change_little_and_restore_attention(tiny_llama, tmp_path):
     from infopt.formats.registry import read_quantized
     from infopt.models.loading import open_model
 
@@ -280,3 +289,34 @@ def test_bf16_forwards_change_little_and_keep_fp32_attention(tiny_llama, tmp_pat
     same = [float((a[k].codes == b[k].codes).float().mean()) for k in a]
     assert min(same) > 0.8 and sum(same) / len(same) > 0.9
     assert _bytes(exact) != _bytes(fast)  # the option does take effect
+
+
+def test_the_hessian_of_bf16_inputs_is_fp32_accurate_on_the_fast_path():
+    """Inputs that are bf16 values take oneDNN's bf16 fpmath products where those are exact for them."""
+    from infopt.quant.gptq import Hessian
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 700, 300, generator=g) * torch.rand(300, generator=g) * 4).bfloat16()
+    fast, exact = Hessian(300), Hessian(300)
+    fast.add(x)
+    exact.add(x.float())  # fp32 inputs: plain fp32 products where the mode would round them
+    reference = (x.double().reshape(-1, 300).T @ x.double().reshape(-1, 300)) * (2.0 / 2100)
+    for h in (fast.matrix(), exact.matrix()):
+        assert float((h.double() - reference).abs().max() / reference.abs().max()) < 2e-6
+
+
+def test_forward_attention_runs_the_chosen_kernel_and_is_restored():
+    from infopt.quant.precision import bf16_attention_kernel_is_faster, forward_attention
+
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 16, generator=g) for _ in range(3))
+    mask = torch.zeros(64, 64).masked_fill(torch.ones(64, 64, dtype=torch.bool).triu(1), float("-inf"))
+    exact = original(q, k, v, attn_mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16), forward_attention():
+        assert functional.scaled_dot_product_attention is not original
+        out = functional.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v, mask)  # a float mask too
+    assert functional.scaled_dot_product_attention is original
+    assert out.dtype == (torch.bfloat16 if bf16_attention_kernel_is_faster() else torch.float32)
+    assert float((out.float() - exact).abs().max()) < 3e-2

@@ -282,17 +282,34 @@ def _symmetric_search(x: torch.Tensor, w: torch.Tensor, nmax: int, steps: int = 
     return best_scale
 
 
+# Rows quantized per pass: the scale searches run ~20 candidates of ~10 elementwise passes each, and on chunks of
+# about 2^18 values their temporaries stay in cache (a 5632 x 2048 tensor to Q4_0: 0.64 s against 4.1 s in one pass,
+# 2026-12-02). Blocks never span rows, so the bytes do not depend on the chunking.
+CHUNK_VALUES = 1 << 18
+
+
 def quantize(type_name: str, weight: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
     """A float [rows, cols] tensor -> [rows, bytes per row] uint8 in `type_name` (round to nearest on a searched
     grid). imatrix: float [cols], the mean of x^2 per input column over calibration text."""
-    x = weight.to(torch.float32)
     if type_name in FLOAT_TYPES:
+        x = weight.to(torch.float32)
         return x.to(FLOAT_TYPES[type_name]).contiguous().view(torch.uint8).reshape(*x.shape[:-1], -1)
-    rows, cols = x.shape
-    t = TYPES[type_name]
+    rows, cols = weight.shape
     row_bytes(type_name, cols)
     if imatrix is not None and imatrix.numel() != cols:
         raise InfoptError(f"the importance matrix has {imatrix.numel()} columns, the tensor {cols}")
+    step = max(1, CHUNK_VALUES // cols)
+    if rows <= step:
+        return _quantize_rows(type_name, weight.to(torch.float32), imatrix)
+    out = torch.empty(rows, row_bytes(type_name, cols), dtype=torch.uint8)
+    for start in range(0, rows, step):
+        out[start : start + step] = _quantize_rows(type_name, weight[start : start + step].to(torch.float32), imatrix)
+    return out
+
+
+def _quantize_rows(type_name: str, x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
+    rows, cols = x.shape
+    t = TYPES[type_name]
     if type_name in ("Q4_0", "Q5_0", "Q8_0"):
         blocks = _blocks(x, QK)
         nmax = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128}[type_name]

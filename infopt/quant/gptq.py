@@ -66,9 +66,10 @@ class Hessian:
         self.rows = 0
 
     def add(self, inputs: torch.Tensor) -> None:
+        bf16_values = inputs.dtype == torch.bfloat16  # (reduced-precision forwards) upcast exactly, fast products
         x = inputs.reshape(-1, inputs.shape[-1]).to(self.sum.device, torch.float32)
         block = self.SYMMETRIC_BLOCK
-        with fast_fp32_products(self.sum.device):
+        with fast_fp32_products(self.sum.device, bf16_inputs=bf16_values):
             for i in range(0, x.shape[1], block):
                 self.sum[i : i + block, i:].addmm_(x[:, i : i + block].T, x[:, i:])
         self.rows += x.shape[0]
@@ -276,7 +277,7 @@ class GPTQMethod:
         ctx.reuse_attention = True
         for group in ctx.groups:
             hessian = Hessian(group[0].module.in_features, ctx.device)
-            ctx.observe_inputs(group[0].module, hessian.add)
+            ctx.observe_inputs(group[0].module, self._hessian_input(ctx, hessian))
             matrix = hessian.matrix()
             for batch in _same_spec_batches(group):
                 start = time.perf_counter()
@@ -289,6 +290,14 @@ class GPTQMethod:
                     result.info[linear.name] = {"output_error": out.output_error, "damp": out.damp,
                                                 "dead_columns": out.dead_columns, "seconds": seconds}
         return result
+
+    @staticmethod
+    def _hessian_input(ctx: LayerContext, hessian: Hessian):
+        """Under bf16 forwards a linear multiplies its input rounded to bf16, so that is the X of the output error
+        GPTQ minimises; it also takes the Hessian's fast exact products (Hessian.add)."""
+        if ctx.forward_dtype != torch.bfloat16:
+            return hessian.add
+        return lambda x: hessian.add(x.to(torch.bfloat16))
 
     def _quantize_together(self, weights: list[torch.Tensor], hessian: torch.Tensor, spec: QuantSpec,
                            keep_rounded: bool = False) -> list[GPTQResult]:
@@ -330,4 +339,4 @@ def _same_spec_batches(group: list) -> list[list]:
 METHOD = Method("gptq", "GPTQ (Frantar et al. 2022): Hessian-guided rounding, layer by layer", GPTQConfig, INTEGER,
                 "compressed-tensors", calibrated=True,
                 factory=lambda config, storage, adapter: GPTQMethod(config, storage), grids=("Q4_K",),
-                recoverable=True)
+                recoverable=True, bf16_forwards=True)

@@ -93,7 +93,7 @@ class CalibratedRun:
 
     device: str = option("auto", "--device", "Where layers are quantized: auto, cpu or cuda.")
     forward_dtype: str = option("auto", "--forward-dtype", "Matmuls of the calibration forwards: auto (bfloat16 for "
-                                "GPTQ where bf16 is native, else float32), float32 or bfloat16. Weights and the "
+                                "GPTQ and AWQ where bf16 is native, else float32), float32 or bfloat16. Weights and the "
                                 "quantization stay float32.", choices=("auto", "float32", "bfloat16"))
     offload_activations: bool = option(False, "--offload-activations", "Keep calibration activations on disk.")
     activation_dtype: str | None = option(None, "--activation-dtype", "Store calibration activations as float32, "
@@ -118,6 +118,8 @@ class Method:
     factory: Callable[[Any, Storage, Any], Any]
     grids: tuple[str, ...] = ()  # fixed grids (Storage.grid) the method can quantize against, e.g. GGUF's "Q4_K"
     recoverable: bool = False  # block-wise recovery (infopt.quant.recovery) can start from its integer result
+    # --forward-dtype auto runs its calibration forwards' matrix products in bf16 where that is native
+    bf16_forwards: bool = False
 
     def options(self) -> dict[str, dataclasses.Field]:
         return {f.name: f for f in dataclasses.fields(self.config)}

@@ -34,7 +34,8 @@ TITLES = {"foundation": "RTN and packing (foundation)", "gptq": "GPTQ, AWQ, NF4/
           "recovery": "Block-wise recovery (--recover) next to GPTQ, AWQ and auto-round",
           "qat": "End-to-end QAT (infopt qat) on top of block-wise recovery",
           "engines": "Engines side by side: infopt, llama.cpp, vLLM CPU and transformers on a 706M Llama",
-          "overhead": "Per-token overhead of small models: the fused C++ decode step"}
+          "overhead": "Per-token overhead of small models: the fused C++ decode step",
+          "write": "Time to write a quantized 706M model: infopt next to llama.cpp's quantizer"}
 BY_HAND = {"gpu": "written by hand from benchmarks/gpu_check.py and benchmarks/gpu_session.py on a CUDA machine"}
 
 
@@ -45,11 +46,13 @@ def machine() -> str:
             cpu = line.split(":", 1)[1].strip()
             break
     cores = len([line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("processor")])
-    from infopt.quant.precision import bf16_fpmath_stays_fp32_accurate
+    from infopt.quant.precision import bf16_attention_kernel_is_faster, bf16_fpmath_stays_fp32_accurate
 
     fpmath = "used" if bf16_fpmath_stays_fp32_accurate() else "not used (not fp32-accurate here, or no bf16)"
+    attention = "bf16 (AMX)" if bf16_attention_kernel_is_faster() else "fp32"
     return (f"{cpu} ({cores} cores), {THREADS} torch threads, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, oneDNN bf16 fpmath for GPTQ's fp32 products: {fpmath}")
+            f"torch {torch.__version__}, oneDNN bf16 fpmath for GPTQ's fp32 products: {fpmath}, attention of the "
+            f"calibration forwards: {attention}")
 
 
 def _stories(work: Path) -> Path:
@@ -92,6 +95,10 @@ def run_section(name: str, work: Path, repeats: int) -> list[str]:
         import bench_engines
 
         return bench_engines.section()
+    if name == "write":
+        import bench_write
+
+        return bench_write.section(work, THREADS)
     if name == "kernels":
         import bench_kernels
 

@@ -305,6 +305,11 @@ def _expected_bytes(req: QuantizeRequest, plan: QuantPlan, dtype_bytes: int) -> 
 
 def check_finite(name: str, tensor: torch.Tensor, model: ModelDir) -> None:
     if tensor.is_floating_point():
+        # one pass: a NaN or Inf anywhere makes the sum NaN or Inf (16-bit values summed in fp32 cannot overflow);
+        # only a non-finite sum (or an fp32 overflow) pays for the count (50x slower on 2 threads)
+        total = tensor.sum(dtype=torch.float32 if tensor.element_size() < 4 else None)
+        if bool(torch.isfinite(total)):
+            return
         bad = int((~torch.isfinite(tensor)).sum())
         if bad:
             raise InfoptError(f"{model.path}: tensor {name} holds {bad} non-finite values (NaN/Inf) of "

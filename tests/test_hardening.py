@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from infopt.errors import InfoptError
 from tests.conftest import run_cli
 from tests.test_cli import assert_clean_failure
 from tests.tiny_models import copy_tokenizer, make_tiny_model
@@ -87,3 +88,23 @@ def test_output_errors_from_the_os_are_one_line(tmp_path, stories_hf):
     result = run_cli("quantize", str(stories_hf), "--out", str(blocker / "q"))
     assert_clean_failure(result, "is not a folder")
     assert blocker.read_text() == "not a folder"
+
+
+def test_the_finite_check_catches_every_non_finite_value_and_passes_huge_finite_ones():
+    from types import SimpleNamespace
+
+    from infopt.workflows import check_finite
+
+    model = SimpleNamespace(path="m")
+    check_finite("w", torch.full((4, 4), 3e38), model)  # its fp32 sum overflows; every value is finite
+    check_finite("w", torch.full((300, 300), 60000.0, dtype=torch.float16), model)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            tensor = torch.zeros(64, 8, dtype=dtype)
+            tensor[17, 3] = bad
+            with pytest.raises(InfoptError, match="holds 1 non-finite"):
+                check_finite("w", tensor, model)
+    pair = torch.zeros(8)
+    pair[0], pair[1] = float("inf"), float("-inf")  # their sum is NaN, not a cancellation to a finite value
+    with pytest.raises(InfoptError, match="holds 2 non-finite"):
+        check_finite("w", pair, model)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from infopt.errors import InfoptError
-from infopt.quant.kgrid import affine_search, grid_codes, importance_weights, round_half_away, super_scales
+from infopt.quant.kgrid import (BETTER, affine_search, grid_codes, importance_weights, round_half_away,
+                                 search_kernels, super_scales)
 
 QK = 32  # values per block of the legacy types
 QK_K = 256  # values per super-block of the K-quants
@@ -264,22 +265,28 @@ def dequantize(type_name: str, data: torch.Tensor, rows: int, cols: int) -> torc
 
 def _symmetric_search(x: torch.Tensor, w: torch.Tensor, nmax: int, steps: int = 9) -> torch.Tensor:
     """Best scale per block for x = s * q, q in [-nmax, nmax - 1] (q = -nmax carries the signed maximum), among
-    candidates around amax / nmax, minimizing sum w (x - s q)^2 with s refitted by least squares for each."""
+    candidate roundings around amax / nmax, each with its least-squares s: the one maximising (sum w x q)^2 / sum w q^2,
+    which is minimising the weighted error sum w x^2 minus that (ggml's make_qx_quants picks by the same measure).
+    Sums in float64; the C++ form (symmetric_scale_search) computes the same, step for step, where it is built."""
+    kernels = search_kernels(x)
+    if kernels is not None:
+        return kernels.symmetric_scale_search(x.contiguous(), w.to(torch.float32).contiguous(), nmax, steps)
     amax_index = x.abs().argmax(dim=1, keepdim=True)
     peak = x.gather(1, amax_index)  # signed value of largest magnitude
-    best_scale = peak / -nmax
-    best_err = torch.full_like(peak, float("inf"))
+    inverse = peak.reciprocal()
+    wx, w64 = w.double() * x.double(), w.double()
+    best = torch.zeros(peak.shape, dtype=torch.float64)
+    best_scale = torch.zeros_like(best)
     for step in range(-steps, steps + 1):
-        iscale = torch.where(peak == 0, torch.zeros_like(peak), -(nmax + 0.1 * step) / peak)
-        q = torch.clamp(round_half_away(x * iscale), -nmax, nmax - 1)
-        sumlx = (w * x * q).sum(dim=1, keepdim=True)
-        suml2 = (w * q * q).sum(dim=1, keepdim=True)
-        scale = torch.where(suml2 > 0, sumlx / suml2.clamp_min(1e-30), torch.zeros_like(sumlx))
-        err = (w * (x - scale * q).pow(2)).sum(dim=1, keepdim=True)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-    return best_scale
+        iscale = torch.where(peak == 0, torch.zeros_like(peak), inverse * -(nmax + 0.1 * step))
+        q = torch.clamp(round_half_away(x * iscale), -nmax, nmax - 1).double()
+        sumlx = (wx * q).sum(dim=1, keepdim=True)
+        suml2 = (w64 * q * q).sum(dim=1, keepdim=True)
+        value = torch.where(suml2 > 0, sumlx * sumlx / suml2.clamp_min(1e-300), torch.zeros_like(suml2))
+        better = value > best * BETTER  # see kgrid.BETTER
+        best = torch.where(better, value, best)
+        best_scale = torch.where(better, sumlx / suml2.clamp_min(1e-300), best_scale)
+    return best_scale.float()
 
 
 # Rows quantized per pass: the scale searches run ~20 candidates of ~10 elementwise passes each, and on chunks of

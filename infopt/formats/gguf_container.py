@@ -10,7 +10,6 @@ before it is used: sizes, counts, types, offsets, overlaps.
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -22,6 +21,7 @@ import torch
 
 from infopt.errors import InfoptError
 from infopt.formats.ggml_quants import BY_ID, TYPES
+from infopt.formats.safetensors_io import append_file
 
 MAGIC = b"GGUF"
 VERSION = 3
@@ -152,9 +152,9 @@ class GGUFWriter:
             header += _string_bytes(info.name) + struct.pack(f"<I{len(dims)}Q", len(dims), *dims)
             header += struct.pack("<IQ", TYPES[info.type].id, info.offset)
         header += b"\0" * (-len(header) % self.alignment)
-        with open(self.path, "wb") as out, open(self._staging_path, "rb") as data:
+        with open(self.path, "wb") as out:
             out.write(header)
-            shutil.copyfileobj(data, out, 16 << 20)
+            append_file(self._staging_path, out)
             out.flush()
             os.fsync(out.fileno())
         self._staging_path.unlink()

@@ -14,6 +14,18 @@ import torch
 
 SUPER = 256
 SUB = 32
+# A later candidate of a scale search replaces the best only when better by more than 1e-12 relative: exact fits tie
+# (every candidate fits a constant block), and the torch and C++ forms, summing in different orders, would break such
+# ties differently. Summation order moves a float64 sum of 16-32 same-signed terms by ~1e-15 at most.
+BETTER = 1.0 + 1e-12
+WORSE = 1.0 - 1e-12
+# The 2x2 least-squares system of an affine fit is singular when every code of a block is the same (a constant
+# block); its determinant then comes out as summation noise of either sign, so below this fraction of sw * sqq it
+# counts as zero (a real spread of codes gives 1e-5 or more).
+SINGULAR = 1e-12
+# An error must also improve by this fraction of the block's weighted energy sum w x^2: exact fits (a constant block)
+# leave errors of ~1e-32 of it, pure rounding noise, which would otherwise pick among equally exact candidates.
+FLOOR = 1e-15
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -21,36 +33,54 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
+def search_kernels(x: torch.Tensor):
+    """The C++ block searches (runtime/kernels/grid_search.cpp) for float32 CPU blocks, or None for the torch form."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] % 16 or x.shape[1] > 256:
+        return None
+    from infopt.runtime.kernels import build  # noqa: PLC0415 (builds the extension on first use)
+
+    return build.ops()
+
+
 def affine_search(x: torch.Tensor, w: torch.Tensor, nmax: int, steps: int = 20,
-                   nonnegative_min: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  nonnegative_min: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Best (scale, min) per block for x = scale * q - min, q in [0, nmax], by weighted least squares over candidate
-    roundings. The K-quant grids store a non-negative min (nonnegative_min); Q4_1/Q5_1 store any."""
+    roundings. The K-quant grids store a non-negative min (nonnegative_min); Q4_1/Q5_1 store any. Sums in float64;
+    the C++ form (affine_scale_search) computes the same, step for step, where the extension is built."""
+    kernels = search_kernels(x)
+    if kernels is not None:
+        return kernels.affine_scale_search(x.contiguous(), w.to(torch.float32).contiguous(), nmax, steps,
+                                           nonnegative_min)
     lo = x.min(dim=1, keepdim=True).values
     lo = lo.clamp_max(0) if nonnegative_min else lo
     hi = x.max(dim=1, keepdim=True).values
     span = (hi - lo).clamp_min(1e-30)
-    best_scale, best_min = span / nmax, -lo
-    best_err = torch.full_like(lo, float("inf"))
-    sw = w.sum(dim=1, keepdim=True)
+    x64, w64 = x.double(), w.double()
+    best_scale, best_min = span.double() / nmax, -lo.double()
+    best_err = torch.full_like(best_scale, float("inf"))
+    sw, sx = w64.sum(dim=1, keepdim=True), (w64 * x64).sum(dim=1, keepdim=True)
+    margin = FLOOR * (w64 * x64 * x64).sum(dim=1, keepdim=True)
+    inverse = span.reciprocal()
     for step in range(steps + 1):
-        iscale = (nmax - 1.0 + 0.1 * step) / span
-        q = torch.clamp(round_half_away((x - lo) * iscale), 0, nmax)
+        iscale = inverse * (nmax - 1.0 + 0.1 * step)
+        q = torch.clamp(round_half_away((x - lo) * iscale), 0, nmax).double()
         # minimize sum w (scale q - min' - x)^2 over scale and min'; min' = -offset
-        sq, sx = (w * q).sum(1, keepdim=True), (w * x).sum(1, keepdim=True)
-        sqq, sqx = (w * q * q).sum(1, keepdim=True), (w * q * x).sum(1, keepdim=True)
+        wq = w64 * q
+        sq, sqq, sqx = wq.sum(1, keepdim=True), (wq * q).sum(1, keepdim=True), (wq * x64).sum(1, keepdim=True)
         det = sw * sqq - sq * sq
-        scale = torch.where(det > 0, (sw * sqx - sq * sx) / det.clamp_min(1e-30), best_scale)
-        offset = torch.where(det > 0, (sqq * sx - sq * sqx) / det.clamp_min(1e-30), lo)
+        solvable = det > SINGULAR * (sw * sqq)
+        scale = torch.where(solvable, (sw * sqx - sq * sx) / det.clamp_min(1e-30), best_scale)
+        offset = torch.where(solvable, (sqq * sx - sq * sqx) / det.clamp_min(1e-30), lo.double())
         if nonnegative_min:  # x = scale q - min with min = -offset >= 0
             offset = offset.clamp_max(0)
             scale = torch.where(offset == 0, sqx / sqq.clamp_min(1e-30), scale)
         scale = scale.clamp_min(0)
-        err = (w * (scale * q + offset - x).pow(2)).sum(dim=1, keepdim=True)
-        better = err < best_err
+        err = (w64 * (scale * q + offset - x64).pow(2)).sum(dim=1, keepdim=True)
+        better = err < best_err * WORSE - margin
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
         best_min = torch.where(better, -offset, best_min)
-    return best_scale, best_min
+    return best_scale.float(), best_min.float()
 
 
 def importance_weights(x: torch.Tensor, imatrix: torch.Tensor | None, size: int) -> torch.Tensor:

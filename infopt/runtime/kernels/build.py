@@ -1,4 +1,4 @@
-"""Builds and loads the C++ kernels (qmatmul.cpp, decode_ops.cpp) on first use, or says why they cannot be used.
+"""Builds and loads the C++ kernels (qmatmul.cpp, decode_ops.cpp, grid_search.cpp) on first use, or says why they cannot be used.
 
 The extension is compiled once by torch.utils.cpp_extension.load (JIT, ninja) into torch's extension folder
 (~/.cache/torch_extensions/..., or $TORCH_EXTENSIONS_DIR), or into $INFOPT_EXT_DIR when that is set; torch
@@ -23,7 +23,7 @@ import torch
 from infopt.device import cpu_flags
 
 NAME = "infopt_qkernels"
-SOURCES = [Path(__file__).with_name(name) for name in ("qmatmul.cpp", "decode_ops.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("qmatmul.cpp", "decode_ops.cpp", "grid_search.cpp")]
 # Explicit ISA flags rather than -march=native, so a cached build never uses more than precheck() verified.
 # -ffp-contract=off: no fused multiply-adds beyond the explicit ones, so each weight (value - zero) * scale is
 # rounded exactly as torch rounds it.

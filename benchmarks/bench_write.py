@@ -1,0 +1,96 @@
+"""Time to write a quantized file of a 706M model: infopt's RTN writers next to llama.cpp's quantizer.
+
+    python benchmarks/run.py --only write
+
+The engines benchmark's synthetic 706M Llama (fp32 safetensors, 2.8 GB). infopt: the whole `infopt quantize`
+command (start, validate, read, round, pack, write) for GGUF Q8_0 / Q4_0 / Q4_K_M and for compressed-tensors int4
+g128 (RTN). llama.cpp: `llama_model_quantize` (what `llama-quantize` runs) called in-process on the F16 GGUF of the
+same model, so its time leaves out a process start and reads half the bytes. 2 threads each, alternating runs.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REPEATS = 2
+# infopt command -> the llama.cpp type it is set against
+JOBS = [("GGUF Q8_0", ["--format", "gguf", "--gguf-type", "Q8_0"], "Q8_0", ".gguf"),
+        ("GGUF Q4_0", ["--format", "gguf", "--gguf-type", "Q4_0"], "Q4_0", ".gguf"),
+        ("GGUF Q4_K_M", ["--format", "gguf", "--gguf-type", "Q4_K_M"], "Q4_K_M", ".gguf"),
+        ("compressed-tensors int4 g128 RTN", ["--method", "rtn", "--bits", "4", "--group-size", "128", "--sym"],
+         "Q4_0", "")]
+
+
+def _infopt(source: Path, args: list[str], out: Path, threads: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "infopt.cli.main", "quantize", str(source), *args, "--out",
+                           str(out), "--force", "--json"], capture_output=True, text=True, env=env, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"infopt quantize {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return seconds
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def section(work: Path, threads: int = 2) -> list[str]:
+    import bench_engines
+    from bench_gguf import quantize_with_llama_cpp
+    from bench_kernels import memory_bandwidth
+
+    paths = bench_engines.checkpoints()
+    source, f16 = paths["source"], paths["F16"]
+    ours: dict[str, list[float]] = {name: [] for name, *_ in JOBS}
+    theirs: dict[str, list[float]] = {}
+    sizes: dict[str, int] = {}
+    bandwidth = [memory_bandwidth(3)[1]]
+    for _ in range(REPEATS):
+        for name, args, peer, suffix in JOBS:
+            out = work / f"write-{peer}-{len(ours[name])}{suffix}"
+            ours[name].append(_infopt(source, args, out, threads))
+            sizes[name] = _size(out)
+            if peer not in theirs or len(theirs[peer]) < len(ours[name]):
+                peer_out = work / f"write-llama-{peer}.gguf"
+                theirs.setdefault(peer, []).append(quantize_with_llama_cpp(f16, peer_out, peer, threads))
+                sizes[f"llama {peer}"] = _size(peer_out)
+                peer_out.unlink()
+            for leftover in (out, out.with_name(out.name + ".md")):
+                if leftover.is_file():
+                    leftover.unlink()
+                elif leftover.is_dir():
+                    subprocess.run(["rm", "-rf", str(leftover)], check=True)
+    bandwidth.append(memory_bandwidth(3)[1])
+    source_bytes, f16_bytes = _size(source), _size(f16)
+    rows = ["| infopt writes | infopt s (whole command) | llama.cpp type | llama.cpp quantize s (from F16 GGUF) | ratio |"
+            " infopt output bytes |",
+            "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for name, _, peer, _ in JOBS:
+        o, t = statistics.median(ours[name]), statistics.median(theirs[peer])
+        rows.append(f"| {name} | {o:.1f} | {peer} | {t:.1f} | **{o / t:.2f}x** | {sizes[name]:,} |")
+    return [
+        f"Source: the synthetic 706M Llama, fp32 safetensors ({source_bytes / 1e9:.2f} GB; llama.cpp reads its F16",
+        f"GGUF, {f16_bytes / 1e9:.2f} GB). {threads} threads each, medians of {REPEATS} alternating runs; infopt's",
+        "time is the whole command in a fresh process, llama.cpp's the in-process `llama_model_quantize` call.",
+        "Ratio < 1: infopt is faster. Read bandwidth before and after: "
+        f"{bandwidth[0]:.1f} and {bandwidth[1]:.1f} GB/s; at that rate reading the fp32 source alone takes "
+        f"{source_bytes / 1e9 / max(bandwidth):.2f} s from the page cache.",
+        "",
+        *rows,
+    ]
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    with tempfile.TemporaryDirectory() as tmp:
+        print("\n".join(section(Path(tmp))))

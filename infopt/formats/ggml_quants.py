@@ -275,7 +275,7 @@ def _symmetric_search(x: torch.Tensor, w: torch.Tensor, nmax: int, steps: int = 
     peak = x.gather(1, amax_index)  # signed value of largest magnitude
     inverse = peak.reciprocal()
     wx, w64 = w.double() * x.double(), w.double()
-    best = torch.zeros(peak.shape, dtype=torch.float64)
+    best = torch.zeros(peak.shape, dtype=torch.float64, device=x.device)
     best_scale = torch.zeros_like(best)
     for step in range(-steps, steps + 1):
         iscale = torch.where(peak == 0, torch.zeros_like(peak), inverse * -(nmax + 0.1 * step))

@@ -11,6 +11,7 @@ same model, so its time leaves out a process start and reads half the bytes. 2 t
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,11 +28,14 @@ JOBS = [("GGUF Q8_0", ["--format", "gguf", "--gguf-type", "Q8_0"], "Q8_0", ".ggu
          "Q4_0", "")]
 
 
+def _env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+
+
 def _infopt(source: Path, args: list[str], out: Path, threads: int) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "infopt.cli.main", "quantize", str(source), *args, "--out",
-                           str(out), "--force", "--json"], capture_output=True, text=True, env=env, cwd=ROOT)
+                           str(out), "--force", "--json"], capture_output=True, text=True, env=_env(threads), cwd=ROOT)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"infopt quantize {' '.join(args)} failed:\n{done.stderr[-2000:]}")
@@ -41,10 +45,10 @@ def _infopt(source: Path, args: list[str], out: Path, threads: int) -> float:
 def _startup(threads: int) -> float:
     """A fresh process importing what `infopt quantize` imports before it reads a weight (torch, transformers'
     model classes): the part of every infopt row that llama.cpp's in-process call does not pay."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import infopt.cli.main, infopt.workflows\n"
-                    "from transformers import AutoModelForCausalLM"], check=True, capture_output=True, env=env, cwd=ROOT)
+                    "from transformers import AutoModelForCausalLM"], check=True, capture_output=True,
+                   env=_env(threads), cwd=ROOT)
     return time.perf_counter() - start
 
 
@@ -60,26 +64,25 @@ def section(work: Path, threads: int = 2) -> list[str]:
     paths = bench_engines.checkpoints()
     source, f16 = paths["source"], paths["F16"]
     ours: dict[str, list[float]] = {name: [] for name, *_ in JOBS}
-    theirs: dict[str, list[float]] = {}
+    theirs: dict[str, list[float]] = {peer: [] for _, _, peer, _ in JOBS}
     sizes: dict[str, int] = {}
     bandwidth = [memory_bandwidth(3)[1]]
     startup = []
     for _ in range(REPEATS):
         startup.append(_startup(threads))
-        for name, args, peer, suffix in JOBS:
-            out = work / f"write-{peer}-{len(ours[name])}{suffix}"
+        for index, (name, args, _, suffix) in enumerate(JOBS):
+            out = work / f"write-{index}{suffix}"
             ours[name].append(_infopt(source, args, out, threads))
             sizes[name] = _size(out)
-            if peer not in theirs or len(theirs[peer]) < len(ours[name]):
-                peer_out = work / f"write-llama-{peer}.gguf"
-                theirs.setdefault(peer, []).append(quantize_with_llama_cpp(f16, peer_out, peer, threads))
-                sizes[f"llama {peer}"] = _size(peer_out)
-                peer_out.unlink()
-            for leftover in (out, out.with_name(out.name + ".md")):
-                if leftover.is_file():
-                    leftover.unlink()
-                elif leftover.is_dir():
-                    subprocess.run(["rm", "-rf", str(leftover)], check=True)
+            if out.is_dir():
+                shutil.rmtree(out)
+            else:
+                out.unlink()
+                out.with_name(out.name + ".md").unlink()  # the GGUF file's model card
+        for peer, times in theirs.items():
+            peer_out = work / f"write-llama-{peer}.gguf"
+            times.append(quantize_with_llama_cpp(f16, peer_out, peer, threads))
+            peer_out.unlink()
     bandwidth.append(memory_bandwidth(3)[1])
     source_bytes, f16_bytes = _size(source), _size(f16)
     rows = ["| infopt writes | infopt s (whole command) | llama.cpp type | llama.cpp quantize s (from F16 GGUF) | ratio |"

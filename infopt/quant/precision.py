@@ -96,8 +96,8 @@ def fast_fp32_products(device: torch.device, bf16_inputs: bool = False):
     fp32-accurate (see the module notes and bf16_fpmath_stays_fp32_accurate). bf16_inputs: the caller promises its
     operands hold bf16 values (upcast), for which the mode is exact on more CPUs (bf16_fpmath_exact_on_bf16_inputs)."""
     backend = getattr(torch.backends.mkldnn, "matmul", None)
-    accurate = bf16_fpmath_exact_on_bf16_inputs() if bf16_inputs else bf16_fpmath_stays_fp32_accurate()
-    if device.type != "cpu" or backend is None or not (accurate or bf16_fpmath_stays_fp32_accurate()):
+    accurate = bf16_fpmath_stays_fp32_accurate() or (bf16_inputs and bf16_fpmath_exact_on_bf16_inputs())
+    if device.type != "cpu" or backend is None or not accurate:
         yield
         return
     previous = backend.fp32_precision

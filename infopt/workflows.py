@@ -164,11 +164,12 @@ def _linear_shapes(model: ModelDir, names: list[str]) -> dict[str, tuple[int, in
     return shapes
 
 
-def _source_tensors(model: ModelDir) -> Iterator[tuple[str, torch.Tensor]]:
+def _source_tensors(model: ModelDir, transient: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """transient: each tensor is used up before the next is taken (see iter_tensors' reuse_buffer)."""
     if model.pickle:
         yield from sorted(load_state_dict(model).items())
     else:
-        yield from iter_tensors(model.files)
+        yield from iter_tensors(model.files, reuse_buffer=transient)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -316,8 +317,8 @@ def check_finite(name: str, tensor: torch.Tensor, model: ModelDir) -> None:
                               f"{tensor.numel()}; refusing to quantize it (--allow-non-finite goes on anyway)")
 
 
-def _checked_tensors(model: ModelDir, allow_non_finite: bool):
-    for name, tensor in _source_tensors(model):
+def _checked_tensors(model: ModelDir, allow_non_finite: bool, transient: bool = False):
+    for name, tensor in _source_tensors(model, transient):
         if not allow_non_finite:
             check_finite(name, tensor, model)
         yield name, tensor
@@ -328,7 +329,7 @@ def _streamed_items(quantizer, model: ModelDir, plan: QuantPlan, errors: dict[st
     """Calibration-free methods, one weight at a time as the source is streamed."""
     specs = {e.module: e.spec for e in plan.quantized}
     done = 0
-    for name, tensor in _checked_tensors(model, allow_non_finite):
+    for name, tensor in _checked_tensors(model, allow_non_finite, transient=True):  # each written before the next
         module = name.removesuffix(".weight")
         spec = specs.get(module) if name.endswith(".weight") else None
         if spec is None:
@@ -394,7 +395,7 @@ def _fingerprint(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, windows
 def _run_calibrated(req: QuantizeRequest, model: ModelDir, plan: QuantPlan, fmt: OutputFormat,
                     progress: Progress | None) -> tuple[Path, dict]:
     if not req.allow_non_finite:
-        for _ in _checked_tensors(model, False):  # one read of the weights, before any work folder exists
+        for _ in _checked_tensors(model, False, transient=True):  # one read of the weights, before any work folder
             pass
     windows = req.windows if req.windows is not None else calibration_set(req.calibration, model)
     config = req.run_options
@@ -547,7 +548,7 @@ def _quantize(req: QuantizeRequest, progress: Progress | None) -> dict:
             c = req.calibration
             report["calibration"] = {"source": c.dataset, "samples": int(windows.shape[0]),
                                      "seq_len": int(windows.shape[1]), "seed": c.seed, "use": "importance matrix"}
-        items = _checked_tensors(model, req.allow_non_finite)
+        items = _checked_tensors(model, req.allow_non_finite, transient=True)  # the writer writes each in turn
     else:
         work_dir = None
         report["error_metric"] = "relative weight MSE"

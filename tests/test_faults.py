@@ -66,7 +66,12 @@ def _differing_tensors(a: Path, b: Path) -> list[str]:
     from safetensors.torch import load_file
 
     x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    return sorted(k for k in x.keys() | y.keys() if k not in x or k not in y or not x[k].equal(y[k]))
+    names = [k for k in x.keys() | y.keys() if k not in x or k not in y or not x[k].equal(y[k])]
+    return sorted(names, key=lambda k: [int(part) if part.isdigit() else part for part in k.split(".")])
+
+
+def _parts_done(work: Path) -> int:
+    return len(list(work.glob("layer-*.safetensors"))) if work.is_dir() else 0
 
 
 def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_bytes(source, tmp_path):
@@ -91,13 +96,14 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_bytes(sour
         process.communicate(timeout=60)
         _assert_whole_or_absent(out)
         recorded = (out.parent / ".q.work" / "state.json").is_file()
+        parts = _parts_done(out.parent / ".q.work")
         resumed = _cli(*_gptq_args(source, out), "--resume", *(["--force"] if out.exists() else []),
                        threads=1 if recorded else 2)
         _, err = resumed.communicate(timeout=600)
         assert resumed.returncode == 0, err
         got = _files(out)
-        assert got == expected, (f"attempt {attempt} (state recorded: {recorded}): resumed output differs in "
-                                 f"{_differing_tensors(reference, out)[:8]}")
+        assert got == expected, (f"attempt {attempt} (state recorded: {recorded}, {parts} layers done when "
+                                 f"killed): resumed output differs in {_differing_tensors(reference, out)[:8]}")
         leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
         assert leftovers == [], leftovers  # the killed run's temporary folder is cleared by the next run
     assert _files(source) == before

@@ -117,3 +117,40 @@ def test_the_cpp_searches_refuse_bad_blocks():
         ops.symmetric_scale_search(torch.zeros(32, 4).T, torch.zeros(32, 4).T, 8, 9)
     with pytest.raises(RuntimeError, match="nmax"):
         ops.affine_scale_search(x, x, 0, 20, True)
+
+
+@needs_ext
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0"])
+def test_the_legacy_blocks_round_and_pack_in_cpp_as_in_torch(type_name, monkeypatch):
+    """round_q8_0 / round_q4_0 against the torch form on the awkward blocks, at magnitudes whose fp16 scales are
+    subnormal, ordinary, or overflow to infinity; a value that is not finite (--allow-non-finite) leaves the block
+    to the torch form, which writes what it always did."""
+    x = _blocks(11, 600, 32)
+    x[100:200] *= 1e-3  # subnormal fp16 scales
+    x[200:300] *= 1e8  # scales past fp16's largest, infinite
+    x[300:400] = torch.randint(-127, 128, (100, 32)).float() * 0.5  # many exact halves
+    weight = x.reshape(60, 320)
+    poisoned = weight.clone()
+    poisoned[7, 3], poisoned[9, 0] = float("nan"), float("inf")
+    fast = [ggml_quants.quantize(type_name, weight), ggml_quants.quantize(type_name, poisoned)]
+    monkeypatch.setattr(kgrid, "search_kernels", lambda x: None)
+    monkeypatch.setattr(ggml_quants, "search_kernels", lambda x: None)
+    slow = [ggml_quants.quantize(type_name, weight), ggml_quants.quantize(type_name, poisoned)]
+    for a, b in zip(fast, slow):
+        assert a.shape == b.shape and torch.equal(a, b)
+    block_bytes = 34 if type_name == "Q8_0" else 18
+    d = fast[0].reshape(-1, block_bytes)[:, :2].contiguous().view(torch.float16).float().reshape(-1)
+    assert bool((d[200:300] == float("inf")).any()) and bool(((d[100:200] > 0) & (d[100:200] < 6.2e-5)).any())
+
+
+@needs_ext
+def test_the_cpp_rounding_refuses_bad_blocks():
+    ops = kernels.build.ops()
+    with pytest.raises(RuntimeError, match="\\[blocks, 32\\]"):
+        ops.round_q8_0(torch.zeros(4, 16))
+    with pytest.raises(RuntimeError, match="one float32 scale per block"):
+        ops.round_q4_0(torch.zeros(4, 32), torch.zeros(3))
+    with pytest.raises(RuntimeError, match="fp16 values"):
+        ops.round_q4_0(torch.zeros(4, 32), torch.full((4,), 0.1))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.round_q8_0(torch.zeros(32, 4).T)

@@ -857,5 +857,30 @@ def main() -> None:
         sys.exit(code)
 
 
+def run() -> None:
+    """The console script: main(), then a process exit that skips the interpreter's teardown once the exit
+    handlers have run and the output is flushed. With torch loaded that teardown costs ~0.3 s (measured
+    2026-12-02: 0.32 s after `import torch`), every command; nothing of it writes a file."""
+    import atexit
+    import threading
+
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)  # a thread the interpreter would wait for (an engine's workers): the ordinary exit
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -134,7 +134,7 @@ class GGUFWriter:
         if name in self._names:
             raise InfoptError(f"GGUF tensor {name} written twice")
         self._names.add(name)
-        raw = data.contiguous().view(torch.uint8).numpy().tobytes()
+        raw = memoryview(data.contiguous().view(torch.uint8).numpy().reshape(-1))  # written as it is, no copy
         offset = self._staging.tell()
         self._staging.write(raw)
         self._staging.write(b"\0" * (-len(raw) % self.alignment))

@@ -170,14 +170,23 @@ def append_file(source: Path, out: BinaryIO) -> None:
             shutil.copyfileobj(data, out, 16 * 2**20)
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(files: list[Path], reuse_buffer: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor, by name within each file, read with plain file reads.
 
     No memory map: mapped pages of a large shard would count as resident memory of this process
     for as long as the file stays open, which defeats streaming a checkpoint one tensor at a time.
+
+    reuse_buffer: read every tensor into one buffer, so each yielded tensor is valid only until the next one is
+    read; for consumers done with a tensor before they take the next (a writer, a check). A fresh buffer per tensor
+    costs its page faults: 2.8 GB read into fresh buffers took 1.5 s, into one 0.55 s (2026-12-02).
     """
-    for path in files:
-        header = check_safetensors(path)
+    headers = [(path, check_safetensors(path)) for path in files]
+    shared = None
+    if reuse_buffer:
+        largest = max((v["data_offsets"][1] - v["data_offsets"][0] for _, header in headers
+                       for k, v in header.items() if k != "__metadata__"), default=0)
+        shared = torch.empty(largest, dtype=torch.uint8)
+    for path, header in headers:
         start = _data_start(path)
         with open(path, "rb") as handle:
             for name in sorted(k for k in header if k != "__metadata__"):
@@ -186,7 +195,8 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     raise InfoptError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
                 begin, end = info["data_offsets"]
                 handle.seek(start + begin)
-                buffer = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled: the read fills it
+                # not zero-filled: the read fills it
+                buffer = torch.empty(end - begin, dtype=torch.uint8) if shared is None else shared[: end - begin]
                 if handle.readinto(buffer.numpy()) != end - begin:
                     raise InfoptError(f"{path}: tensor {name} ends past the end of the file")
                 yield name, buffer.view(DTYPES[info["dtype"]]).reshape(info["shape"])
@@ -221,7 +231,7 @@ class ShardedWriter:
             raise ValueError(f"tensor {name} written twice")
         if tensor.dtype not in DTYPE_NAMES:
             raise InfoptError(f"cannot store tensor {name} of dtype {tensor.dtype} in safetensors")
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         if self._entries and self._spill_bytes + len(data) > self.max_shard_bytes:
             self._flush()
         if self._spill is None:

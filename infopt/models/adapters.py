@@ -64,6 +64,14 @@ class Adapter:
     # linears whose inputs cannot take a folded scale, with the reason (reported, never silent)
     unscalable: tuple[tuple[str, str], ...] = ()
     gguf: GGUFLayout | None = None  # None: no GGUF export yet
+    # what expected_shapes needs beyond the linears (each a fact of the architecture's transformers modeling file):
+    # per-layer norms of hidden_size and of head_dim, and which linears carry a bias: (linears, config flag or
+    # None for always)
+    layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    head_norms: tuple[str, ...] = ()
+    biases: tuple[tuple[tuple[str, ...], str | None], ...] = ()
+    head_dim_default: bool = True  # a config without head_dim means hidden_size / heads (else a class default)
+    tied_default: bool = False  # tie_word_embeddings where the config leaves it out
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -112,17 +120,77 @@ def _llama_like(name: str, **extra) -> Adapter:
     return Adapter(name, "model.layers", _LLAMA_LIKE, scale_groups=_LLAMA_SCALES, **extra)
 
 
+_ATTENTION_BIAS = ((_QKV + ("self_attn.o_proj",), "attention_bias"),)
+_MLP_BIAS = (("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), "mlp_bias")
+
 ADAPTERS: dict[str, Adapter] = {
-    "llama": _llama_like("llama", gguf=GGUFLayout("llama", _GGUF_LLAMA_NAMES, permute_qk=True)),
+    "llama": _llama_like("llama", gguf=GGUFLayout("llama", _GGUF_LLAMA_NAMES, permute_qk=True),
+                         biases=_ATTENTION_BIAS + (_MLP_BIAS,)),
     "mistral": _llama_like("mistral", gguf=GGUFLayout("llama", _GGUF_LLAMA_NAMES, permute_qk=True)),
-    "qwen2": _llama_like("qwen2", gguf=GGUFLayout("qwen2", _GGUF_LLAMA_NAMES)),
-    "qwen3": _llama_like("qwen3", gguf=GGUFLayout("qwen3", _GGUF_QWEN3_NAMES)),
-    "gemma": _llama_like("gemma", norm_offset=1.0, gguf=GGUFLayout("gemma", _GGUF_LLAMA_NAMES)),
+    "qwen2": _llama_like("qwen2", gguf=GGUFLayout("qwen2", _GGUF_LLAMA_NAMES), biases=((_QKV, None),)),
+    "qwen3": _llama_like("qwen3", gguf=GGUFLayout("qwen3", _GGUF_QWEN3_NAMES), biases=_ATTENTION_BIAS,
+                         head_norms=("self_attn.q_norm", "self_attn.k_norm"), head_dim_default=False),
+    "gemma": _llama_like("gemma", norm_offset=1.0, gguf=GGUFLayout("gemma", _GGUF_LLAMA_NAMES),
+                         biases=_ATTENTION_BIAS, head_dim_default=False, tied_default=True),
     "gemma2": Adapter("gemma2", "model.layers", _LLAMA_LIKE, scale_groups=_GEMMA2_SCALES, norm_offset=1.0,
-                      gguf=GGUFLayout("gemma2", _GGUF_GEMMA2_NAMES)),
+                      gguf=GGUFLayout("gemma2", _GGUF_GEMMA2_NAMES), biases=_ATTENTION_BIAS,
+                      layer_norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                                   "post_feedforward_layernorm"), head_dim_default=False, tied_default=True),
     "phi3": Adapter("phi3", "model.layers", _PHI3, scale_groups=_PHI3_SCALES, unscalable=_PHI3_FUSED,
                     gguf=GGUFLayout("phi3", _GGUF_PHI3_NAMES)),
 }
+
+# [out, in] of each linear the table names, from the config's sizes: hidden h, intermediate i, heads q, kv heads k,
+# head dim d
+_LINEAR_SHAPES = {
+    "self_attn.q_proj": lambda h, i, q, k, d: (q * d, h), "self_attn.k_proj": lambda h, i, q, k, d: (k * d, h),
+    "self_attn.v_proj": lambda h, i, q, k, d: (k * d, h), "self_attn.o_proj": lambda h, i, q, k, d: (h, q * d),
+    "self_attn.qkv_proj": lambda h, i, q, k, d: ((q + 2 * k) * d, h),
+    "mlp.gate_proj": lambda h, i, q, k, d: (i, h), "mlp.up_proj": lambda h, i, q, k, d: (i, h),
+    "mlp.gate_up_proj": lambda h, i, q, k, d: (2 * i, h), "mlp.down_proj": lambda h, i, q, k, d: (h, i),
+}
+_SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads")
+
+
+def expected_shapes(config: dict) -> tuple[dict[str, tuple[int, ...]], bool] | None:
+    """Every tensor name and shape of the architecture, and whether lm_head is tied to the embedding, from the table
+    alone (no transformers import, which costs seconds). None where the table cannot say for sure: a config without
+    the explicit sizes, a nested (multimodal) one, a bias flag left to a class default. tests/test_adapters.py checks
+    it against transformers' own model for every architecture here."""
+    adapter = ADAPTERS.get(config.get("model_type"))
+    if adapter is None or "text_config" in config or not all(_size(config.get(key)) for key in _SIZE_KEYS):
+        return None
+    tied = config.get("tie_word_embeddings", adapter.tied_default)
+    flags = [flag for _, flag in adapter.biases if flag]
+    if not isinstance(tied, bool) or not all(isinstance(config.get(flag, False), bool) for flag in flags):
+        return None
+    h, i, q, k = (config[key] for key in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                          "num_key_value_heads"))
+    d = config.get("head_dim")
+    if d is None:
+        if not adapter.head_dim_default or h % q:
+            return None
+        d = h // q
+    if not _size(d):
+        return None
+    layer: dict[str, tuple[int, ...]] = {}
+    for name in adapter.linears:
+        layer[f"{name}.weight"] = _LINEAR_SHAPES[name](h, i, q, k, d)
+    for linears, flag in adapter.biases:
+        if flag is None or config.get(flag, False):  # every flag here defaults to no bias
+            layer.update({f"{name}.bias": layer[f"{name}.weight"][:1] for name in linears})
+    layer.update({f"{name}.weight": (h,) for name in adapter.layer_norms})
+    layer.update({f"{name}.weight": (d,) for name in adapter.head_norms})
+    shapes = {f"{adapter.embed}.weight": (config["vocab_size"], h), f"{adapter.final_norm}.weight": (h,),
+              f"{adapter.lm_head}.weight": (config["vocab_size"], h)}
+    for index in range(config["num_hidden_layers"]):
+        shapes.update({f"{adapter.layers}.{index}.{name}": shape for name, shape in layer.items()})
+    return shapes, tied
+
+
+def _size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def supported_architectures() -> list[str]:

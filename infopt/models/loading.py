@@ -16,6 +16,7 @@ from infopt.errors import InfoptError
 from infopt.formats import registry
 from infopt.formats.gguf_container import is_gguf
 from infopt.formats.safetensors_io import check_safetensors, weight_files
+from infopt.models.adapters import expected_shapes
 from infopt.validate import check_known_architecture, check_model_config
 
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -134,16 +135,19 @@ def check_weights_match_architecture(model: ModelDir) -> None:
     checkpoints only; each format's reader checks its own packed tensors."""
     if model.quant_method or model.config.get("auto_map"):
         return
-    try:
-        expected, tied, ignore = architecture_shapes(model.config)
-    except InfoptError as exc:
-        raise InfoptError(f"{model.path}: {exc}".replace("the config:", "config.json:")) from None
     if model.pickle:
         found = {k: tuple(v.shape) for k, v in load_state_dict(model).items()}
     else:
         found = {}
         for file in model.files:
             found.update({k: tuple(v["shape"]) for k, v in check_safetensors(file).items() if k != "__metadata__"})
+    table = expected_shapes(model.config)  # the adapter table's shapes: an exact match needs no transformers model
+    if table is not None and _same_tensors(found, *table):
+        return
+    try:
+        expected, tied, ignore = architecture_shapes(model.config)
+    except InfoptError as exc:
+        raise InfoptError(f"{model.path}: {exc}".replace("the config:", "config.json:")) from None
     missing = sorted(k for k in expected if k not in found and not (tied and k == "lm_head.weight"))
     ignored = [re.compile(p) for p in ignore] + [re.compile(r"rotary_emb\.inv_freq$")]  # persisted by older transformers, recomputed now
     unexpected = sorted(k for k in found if k not in expected and not any(p.search(k) for p in ignored))
@@ -153,6 +157,11 @@ def check_weights_match_architecture(model: ModelDir) -> None:
                  f"unexpected {', '.join(k[:80] for k in unexpected[:3])}" if unexpected else "",
                  f"{wrong[0]} is {list(found[wrong[0]])}, the config implies {list(expected[wrong[0]])}" if wrong else ""]
         raise InfoptError(f"{model.path}: the weights do not match config.json: {'; '.join(p for p in parts if p)}")
+
+
+def _same_tensors(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], tied: bool) -> bool:
+    names = set(expected) - ({"lm_head.weight"} - set(found) if tied else set())
+    return set(found) == names and all(found[k] == expected[k] for k in names)
 
 
 def load_config_only(spec: str) -> dict:

@@ -5,6 +5,7 @@
 //                                                   candidate rounding that maximises (sum w x q)^2 / sum w q^2
 //   affine_scale_search(x, w, nmax, steps, nonneg)  x = s q - m, q in [0, nmax]: the weighted least-squares (s, m) of
 //                                                   the candidate rounding with the smallest weighted error
+//   round_q8_0(x), round_q4_0(x, d)                 ggml's Q8_0 / Q4_0 blocks of 32, scaled, rounded and packed
 //
 // Each is the exact mirror of its torch form (_symmetric_search, affine_search): the same fp32 elementwise steps in
 // the same order (AVX-512, 16 values at a time; no fused multiply-adds, see build.CFLAGS), and every sum in float64
@@ -20,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -204,9 +206,109 @@ std::tuple<at::Tensor, at::Tensor> affine_scale_search(const at::Tensor& x, cons
   return {scale_out, min_out};
 }
 
+// --- the legacy 32-value blocks, rounded and packed in one pass (ggml_quants._quantize_rows, step for step) ---
+
+constexpr int64_t kLegacy = 32;
+constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80;  // vfpclassps: quiet NaN, +inf, -inf, signalling NaN
+
+void check_legacy(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), op,
+              ": contiguous float32 CPU blocks only");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == kLegacy, op, ": x must be [blocks, 32]");
+}
+
+// x rounded to fp16 and back, as torch's .to(float16).to(float32): nearest even, overflow to infinity
+inline float through_f16(float x, uint16_t* bits) {
+  *bits = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _cvtsh_ss(*bits);
+}
+
+inline void store_le16(uint8_t* out, uint16_t bits) {
+  out[0] = static_cast<uint8_t>(bits & 0xFF);
+  out[1] = static_cast<uint8_t>(bits >> 8);
+}
+
+// Q8_0 (34 bytes a block: fp16 d little-endian, 32 int8 codes): d = fp16(amax / 127), codes
+// clamp(round_half_away(x * (1 / d)), -127, 127), 0 where d is 0
+at::Tensor round_q8_0(const at::Tensor& x) {
+  check_legacy(x, "round_q8_0");
+  const int64_t blocks = x.size(0);
+  at::Tensor out = at::empty({blocks, 34}, x.options().dtype(at::kByte));
+  const float* xp = x.data_ptr<float>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, blocks, 1024, [&](int64_t begin, int64_t end) {
+    const __m512 sign_bit = _mm512_set1_ps(-0.0f), zero = _mm512_setzero_ps();
+    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    for (int64_t r = begin; r < end; ++r) {
+      const __m512 a = _mm512_loadu_ps(xp + r * kLegacy), b = _mm512_loadu_ps(xp + r * kLegacy + kWidth);
+      if (_mm512_fpclass_ps_mask(a, kNonFinite) | _mm512_fpclass_ps_mask(b, kNonFinite)) {
+        finite = false;
+        continue;
+      }
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign_bit, a),
+                                                            _mm512_andnot_ps(sign_bit, b)));
+      uint16_t bits;
+      const float d = through_f16(amax / 127.0f, &bits);
+      const __m512 inv = _mm512_set1_ps(d == 0.0f ? 0.0f : 1.0f / d);
+      uint8_t* o = op + r * 34;
+      store_le16(o, bits);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 2),
+                       _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(grid_codes(a, zero, inv, lo, hi))));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 18),
+                       _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(grid_codes(b, zero, inv, lo, hi))));
+    }
+  });
+  TORCH_CHECK(finite.load(), "round_q8_0: a block holds a value that is not finite");
+  return out;
+}
+
+// Q4_0 (18 bytes a block: fp16 d little-endian, 16 bytes with value j low and value j + 16 high) under given
+// fp16-exact scales d: codes clamp(round_half_away(x * (1 / d)), -8, 7) + 8, 0 + 8 where d is 0
+at::Tensor round_q4_0(const at::Tensor& x, const at::Tensor& d) {
+  check_legacy(x, "round_q4_0");
+  TORCH_CHECK(d.device().is_cpu() && d.scalar_type() == at::kFloat && d.is_contiguous() && d.numel() == x.size(0),
+              "round_q4_0: d must be one float32 scale per block");
+  const int64_t blocks = x.size(0);
+  at::Tensor out = at::empty({blocks, 18}, x.options().dtype(at::kByte));
+  const float* xp = x.data_ptr<float>();
+  const float* dp = d.data_ptr<float>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  std::atomic<bool> finite{true}, exact{true};
+  at::parallel_for(0, blocks, 1024, [&](int64_t begin, int64_t end) {
+    const __m512 zero = _mm512_setzero_ps(), lo = _mm512_set1_ps(-8.0f), hi = _mm512_set1_ps(7.0f);
+    const __m512i eight = _mm512_set1_epi32(8);
+    for (int64_t r = begin; r < end; ++r) {
+      const __m512 a = _mm512_loadu_ps(xp + r * kLegacy), b = _mm512_loadu_ps(xp + r * kLegacy + kWidth);
+      if (_mm512_fpclass_ps_mask(a, kNonFinite) | _mm512_fpclass_ps_mask(b, kNonFinite) || !std::isfinite(dp[r])) {
+        finite = false;
+        continue;
+      }
+      uint16_t bits;
+      const float scale = through_f16(dp[r], &bits);
+      if (scale != dp[r]) {
+        exact = false;
+        continue;
+      }
+      const __m512 inv = _mm512_set1_ps(scale == 0.0f ? 0.0f : 1.0f / scale);
+      const __m512i low = _mm512_add_epi32(_mm512_cvtps_epi32(grid_codes(a, zero, inv, lo, hi)), eight);
+      const __m512i high = _mm512_add_epi32(_mm512_cvtps_epi32(grid_codes(b, zero, inv, lo, hi)), eight);
+      uint8_t* o = op + r * 18;
+      store_le16(o, bits);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 2),
+                       _mm512_cvtepi32_epi8(_mm512_or_si512(low, _mm512_slli_epi32(high, 4))));
+    }
+  });
+  TORCH_CHECK(finite.load(), "round_q4_0: a block holds a value that is not finite");
+  TORCH_CHECK(exact.load(), "round_q4_0: the scales must be fp16 values");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(infopt_kernels, m) {
+  m.def("round_q8_0(Tensor x) -> Tensor", &round_q8_0);
+  m.def("round_q4_0(Tensor x, Tensor d) -> Tensor", &round_q4_0);
   m.def("symmetric_scale_search(Tensor x, Tensor w, int nmax, int steps) -> Tensor", &symmetric_scale_search);
   m.def("affine_scale_search(Tensor x, Tensor w, int nmax, int steps, bool nonnegative_min) -> (Tensor, Tensor)",
         &affine_scale_search);

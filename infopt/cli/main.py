@@ -857,7 +857,7 @@ def main() -> None:
         sys.exit(code)
 
 
-def run() -> None:
+def console() -> None:
     """The console script: main(), then a process exit that skips the interpreter's teardown once the exit
     handlers have run and the output is flushed. With torch loaded that teardown costs ~0.3 s (measured
     2026-12-02: 0.32 s after `import torch`), every command; nothing of it writes a file."""
@@ -883,4 +883,4 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    run()
+    console()

@@ -336,8 +336,9 @@ def _streamed_items(quantizer, model: ModelDir, plan: QuantPlan, errors: dict[st
             yield name, tensor
             continue
         q = quantizer.quantize_weight(tensor, spec)
-        diff = (q.dequantize().float() - tensor.float()).pow(2).sum()
-        errors[module] = float(diff / tensor.float().pow(2).sum().clamp_min(1e-30))
+        residual = q.dequantize().float().sub_(tensor)  # a fresh tensor, so in place
+        errors[module] = float(torch.linalg.vector_norm(residual) ** 2
+                               / (torch.linalg.vector_norm(tensor.float()) ** 2).clamp_min(1e-30))
         done += 1
         if progress:
             progress("quantize", done, len(specs))

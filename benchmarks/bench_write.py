@@ -52,8 +52,10 @@ def _startup(threads: int) -> float:
 
 
 def _warm(path: Path) -> None:
-    """Read a model's files once, so both tools start from the page cache: this host reclaims idle file pages
-    within seconds (a first read from disk added ~4 s to a 4 s run)."""
+    """Flush the writes of the run before (their write-back would land on this one), then read a model's files once,
+    so both tools start from the page cache: this host reclaims idle file pages within seconds (a first read from
+    disk added ~4 s to a 4 s run)."""
+    os.sync()
     for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
         if file.is_file():
             with open(file, "rb") as handle:
@@ -106,7 +108,7 @@ def section(work: Path, threads: int = 2) -> list[str]:
         f"Source: the synthetic 706M Llama, fp32 safetensors ({source_bytes / 1e9:.2f} GB; llama.cpp reads its F16",
         f"GGUF, {f16_bytes / 1e9:.2f} GB). {threads} threads each, medians of {REPEATS} alternating runs; infopt's",
         "time is the whole command in a fresh process, llama.cpp's the in-process `llama_model_quantize` call.",
-        "Each run starts with its input in the page cache (read just before).",
+        "Each run starts with its input in the page cache (read just before) and no write-back pending (sync).",
         f"Ratio < 1: infopt is faster. Read bandwidth before and after: {bandwidth[0]:.1f} and {bandwidth[1]:.1f} GB/s.",
         f"Of each infopt row, {statistics.median(startup):.1f} s is a fresh process importing torch and infopt",
         "(timed alone in the same run), which llama.cpp's call does not pay; the rest reads twice the bytes",

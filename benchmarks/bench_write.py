@@ -80,10 +80,10 @@ def section(work: Path, threads: int = 2) -> list[str]:
     bandwidth = [memory_bandwidth(3)[1]]
     startup = []
     for _ in range(REPEATS):
-        startup.append(_startup(threads))
         for index, (name, args, _, suffix) in enumerate(JOBS):
             out = work / f"write-{index}{suffix}"
             _warm(source)
+            startup.append(_startup(threads))  # also loads torch's libraries into the page cache, as llama.cpp's are
             ours[name].append(_infopt(source, args, out, threads))
             sizes[name] = _size(out)
             if out.is_dir():
@@ -108,7 +108,9 @@ def section(work: Path, threads: int = 2) -> list[str]:
         f"Source: the synthetic 706M Llama, fp32 safetensors ({source_bytes / 1e9:.2f} GB; llama.cpp reads its F16",
         f"GGUF, {f16_bytes / 1e9:.2f} GB). {threads} threads each, medians of {REPEATS} alternating runs; infopt's",
         "time is the whole command in a fresh process, llama.cpp's the in-process `llama_model_quantize` call.",
-        "Each run starts with its input in the page cache (read just before) and no write-back pending (sync).",
+        "Each run starts warm: no write-back pending (sync), its input read just before, and for infopt torch's",
+        "libraries read by the start-up timing just before (llama.cpp's are loaded in the benchmark's process); this",
+        "host reclaims idle file pages within seconds, and a cold start added 4-5 s to a 4 s run.",
         f"Ratio < 1: infopt is faster. Read bandwidth before and after: {bandwidth[0]:.1f} and {bandwidth[1]:.1f} GB/s.",
         f"Of each infopt row, {statistics.median(startup):.1f} s is a fresh process importing torch and infopt",
         "(timed alone in the same run), which llama.cpp's call does not pay; the rest reads twice the bytes",

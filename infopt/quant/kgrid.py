@@ -85,7 +85,8 @@ def affine_search(x: torch.Tensor, w: torch.Tensor, nmax: int, steps: int = 20,
 
 def importance_weights(x: torch.Tensor, imatrix: torch.Tensor | None, size: int) -> torch.Tensor:
     """The importance weights of [rows * cols / size, size] blocks of x, tiling the per-column imatrix."""
-    w = (x.pow(2).mean(dim=1, keepdim=True) + x.pow(2)).sqrt()
+    squares = x.pow(2)
+    w = (squares.mean(dim=1, keepdim=True) + squares).sqrt_()
     if imatrix is not None:
         w = w * imatrix.reshape(-1, size).repeat(x.shape[0] // (imatrix.numel() // size), 1)
     return w

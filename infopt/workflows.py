@@ -336,7 +336,7 @@ def _streamed_items(quantizer, model: ModelDir, plan: QuantPlan, errors: dict[st
             yield name, tensor
             continue
         q = quantizer.quantize_weight(tensor, spec)
-        residual = q.dequantize().float().sub_(tensor)  # a fresh tensor, so in place
+        residual = q.dequantize().float() - tensor
         errors[module] = float(torch.linalg.vector_norm(residual) ** 2
                                / (torch.linalg.vector_norm(tensor.float()) ** 2).clamp_min(1e-30))
         done += 1

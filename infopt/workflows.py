@@ -37,7 +37,7 @@ from infopt.quant.precision import resolve_forward_dtype
 from infopt.quant.recovery import PerWeight, Recovery, RecoveryConfig
 from infopt.quant.registry import METHODS, get_method
 from infopt.quant.spec import QuantPlan, QuantSpec, build_plan, parse_override
-from infopt.quant.weights import Storage
+from infopt.quant.weights import Storage, relative_error
 from infopt.runtime.vllm_engine import known_refusal, refusal_note
 
 if TYPE_CHECKING:
@@ -336,9 +336,7 @@ def _streamed_items(quantizer, model: ModelDir, plan: QuantPlan, errors: dict[st
             yield name, tensor
             continue
         q = quantizer.quantize_weight(tensor, spec)
-        residual = q.dequantize().float() - tensor
-        errors[module] = float(torch.linalg.vector_norm(residual) ** 2
-                               / (torch.linalg.vector_norm(tensor.float()) ** 2).clamp_min(1e-30))
+        errors[module] = relative_error(q, tensor)
         done += 1
         if progress:
             progress("quantize", done, len(specs))

@@ -72,3 +72,69 @@ def test_plan_skips_non_divisible_groups_with_warning_and_applies_overrides():
     assert parse_override("mlp=skip", spec) == ("mlp", None)
     with pytest.raises(InfoptError):
         parse_override("no-equals-sign", spec)
+
+
+def _awkward(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Random rows plus all-zero, constant, all-negative, on-grid (exact halves after scaling) and tiny ones."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g) * 0.05
+    w[0] = 0
+    w[1] = 0.3
+    w[2] = -w[2].abs()
+    w[3] = torch.randint(-16, 16, (cols,), generator=g).float() * 0.125
+    w[4] *= 1e-30
+    w[5, ::7] = 0
+    return w
+
+
+@pytest.mark.skipif(not __import__("infopt.runtime.kernels", fromlist=["available"]).available(),
+                    reason="infopt kernels unavailable")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [16, 32, 128])
+@pytest.mark.parametrize("sym", [True, False])
+def test_rtn_in_cpp_gives_the_torch_forms_codes_scales_and_zeros(bits, group, sym, monkeypatch):
+    """The one-pass C++ RTN (round_to_nearest) against the torch form, bit for bit, on awkward rows; a value that is
+    not finite (--allow-non-finite) leaves the whole weight to the torch form."""
+    import infopt.quant.rtn as rtn
+
+    spec = QuantSpec(bits, group, sym)
+    weight = _awkward(40, 256, bits * 100 + group)
+    poisoned = weight.clone()
+    poisoned[9, 5] = float("nan")
+    fast = [quantize_rtn(weight, spec), quantize_rtn(poisoned, spec)]
+    assert rtn._in_kernel(weight, spec, rtn.Storage()) is not None  # the kernel did run
+    monkeypatch.setattr(rtn, "_in_kernel", lambda *args: None)
+    slow = [quantize_rtn(weight, spec), quantize_rtn(poisoned, spec)]
+    for a, b in zip(fast, slow):
+        assert torch.equal(a.codes, b.codes) and a.codes.dtype == b.codes.dtype == torch.int8
+        assert torch.equal(a.scale, b.scale) and a.scale.dtype == b.scale.dtype
+        assert (a.zero is None) == (b.zero is None) == sym
+        if not sym:
+            assert torch.equal(a.zero, b.zero) and a.zero.dtype == b.zero.dtype
+
+
+def test_rtn_kernel_refuses_bad_input():
+    from infopt.runtime import kernels
+
+    if not kernels.available():
+        pytest.skip("infopt kernels unavailable")
+    ops = kernels.build.ops()
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        ops.round_to_nearest(torch.zeros(4, 48), 24, -8, 7, True)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.round_to_nearest(torch.zeros(4, 32).double(), 16, -8, 7, True)
+    with pytest.raises(RuntimeError, match="qmin"):
+        ops.round_to_nearest(torch.zeros(4, 32), 16, 0, 7, True)
+
+
+@pytest.mark.parametrize("group", [16, 128, -1])
+@pytest.mark.parametrize("sym", [True, False])
+def test_the_reported_weight_error_equals_the_dequantized_residual(group, sym):
+    """relative_error (one C++ pass where the kernels are built) against the residual through dequantize()."""
+    from infopt.quant.weights import relative_error
+
+    weight = _awkward(40, 256, 7)
+    q = quantize_rtn(weight, QuantSpec(4, group, sym))
+    direct = float(((q.dequantize().double() - weight.double()) ** 2).sum() / (weight.double() ** 2).sum())
+    assert relative_error(q, weight) == pytest.approx(direct, rel=1e-5)
+    assert relative_error(q, weight * 0) == 0.0 or relative_error(q, weight * 0) > 0  # no division by zero

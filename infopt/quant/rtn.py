@@ -63,10 +63,36 @@ def quantize_codes(
 def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, storage: Storage = Storage()) -> QuantizedWeight:
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    fast = _in_kernel(weight, spec, storage)
+    if fast is not None:
+        return fast
     wmin, wmax = torch.aminmax(_grouped(weight, spec), dim=-1)
     scale, zero = compute_qparams(wmin, wmax, spec, storage.scale_dtype or weight.dtype, storage.min_zero_offset)
     codes = quantize_codes(weight, scale, zero, spec)
     return QuantizedWeight(codes, scale, zero, spec)
+
+
+def _in_kernel(weight: torch.Tensor, spec: QuantSpec, storage: Storage) -> QuantizedWeight | None:
+    """quantize_rtn in one C++ pass (runtime/kernels/grid_search.cpp round_to_nearest: these steps, the same bytes)
+    for float32 CPU weights in groups of multiples of 16 with float32 scales; None elsewhere, and where a value is
+    not finite (--allow-non-finite), which the torch form handles as torch does."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or storage.scale_dtype not in (None, torch.float32)
+            or storage.min_zero_offset or spec.bits > 8 or spec.group_size <= 0 or spec.group_size % 16
+            or weight.shape[1] % spec.group_size):
+        return None
+    from infopt.runtime.kernels import build  # noqa: PLC0415 (builds the extension on first use)
+
+    ops = build.ops()
+    if ops is None:
+        return None
+    try:
+        codes, scale, zero = ops.round_to_nearest(weight.contiguous(), spec.group_size, spec.qmin, spec.qmax,
+                                                  spec.symmetric)
+    except RuntimeError as exc:
+        if "not finite" not in str(exc):
+            raise
+        return None
+    return QuantizedWeight(codes, scale, None if spec.symmetric else zero, spec)
 
 
 @dataclass(frozen=True, kw_only=True)

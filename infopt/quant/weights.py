@@ -42,6 +42,27 @@ class MethodRecord:
     compute_dtype: torch.dtype = torch.float32  # the dtype loaders should compute in (the source's)
 
 
+def relative_error(weight, reference: torch.Tensor) -> float:
+    """||dequantized - reference||^2 / ||reference||^2 of any quantized weight (a command's reported error): one C++
+    pass for float32 grouped integer grids (runtime/kernels/grid_search.cpp grid_error, sums in float64), else
+    through dequantize()."""
+    if (isinstance(weight, QuantizedWeight) and weight.g_idx is None and reference.device.type == "cpu"
+            and reference.dtype == torch.float32 and weight.scale.dtype == torch.float32 and weight.shape[1] > 0):
+        group = weight.shape[1] // weight.scale.shape[1]
+        if group % 16 == 0:
+            from infopt.runtime.kernels import build  # noqa: PLC0415 (builds the extension on first use)
+
+            ops = build.ops()
+            if ops is not None:
+                zero = weight.zero if weight.zero is not None else torch.empty(0, dtype=torch.int8)
+                err, energy = ops.grid_error(reference.contiguous(), weight.codes.contiguous(),
+                                             weight.scale.contiguous(), zero.contiguous(), group).tolist()
+                return err / max(energy, 1e-30)
+    residual = weight.dequantize().float() - reference.float()
+    return float(torch.linalg.vector_norm(residual) ** 2
+                 / (torch.linalg.vector_norm(reference.float()) ** 2).clamp_min(1e-30))
+
+
 @dataclass
 class QuantizedWeight:
     codes: torch.Tensor  # int8 [out, in], signed levels

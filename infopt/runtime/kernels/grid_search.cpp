@@ -6,6 +6,7 @@
 //   affine_scale_search(x, w, nmax, steps, nonneg)  x = s q - m, q in [0, nmax]: the weighted least-squares (s, m) of
 //                                                   the candidate rounding with the smallest weighted error
 //   round_q8_0(x), round_q4_0(x, d)                 ggml's Q8_0 / Q4_0 blocks of 32, scaled, rounded and packed
+//   round_to_nearest(x, group, qmin, qmax, sym)     the RTN grid and codes of infopt.quant.rtn
 //
 // Each is the exact mirror of its torch form (_symmetric_search, affine_search): the same fp32 elementwise steps in
 // the same order (AVX-512, 16 values at a time; no fused multiply-adds, see build.CFLAGS), and every sum in float64
@@ -26,6 +27,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -364,9 +366,125 @@ at::Tensor round_q4_0(const at::Tensor& x, const at::Tensor& d) {
   return out;
 }
 
+// --- round to nearest on a min/max grid (infopt.quant.rtn.quantize_rtn, step for step) ---------------------------
+
+// Per group of `group` values: the range widened to include 0, s = absmax / ((qmax - qmin) / 2) (symmetric) or
+// (max - min) / (qmax - qmin), 1 where that is 0; asymmetric z = round(qmin - min / s) clamped; codes
+// clamp(round(x / s) (+ z), qmin, qmax). round is torch.round's: halves to even. Returns (codes int8, scale float32,
+// zero int8, or an empty tensor when symmetric).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> round_to_nearest(const at::Tensor& x, int64_t group, int64_t qmin,
+                                                                int64_t qmax, bool symmetric) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2,
+              "round_to_nearest: a contiguous float32 CPU matrix only");
+  TORCH_CHECK(group >= kWidth && group % kWidth == 0 && x.size(1) % group == 0,
+              "round_to_nearest: groups must be multiples of 16 that divide the rows");
+  TORCH_CHECK(qmin < 0 && qmax > 0 && qmin >= -128 && qmax <= 127, "round_to_nearest: bad qmin/qmax");
+  const int64_t rows = x.size(0), cols = x.size(1), groups = cols / group;
+  at::Tensor codes = at::empty({rows, cols}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({rows, groups}, x.options());
+  at::Tensor zero = at::empty({symmetric ? 0 : rows, symmetric ? 0 : groups}, x.options().dtype(at::kChar));
+  const float* xp = x.data_ptr<float>();
+  int8_t* cp = codes.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  int8_t* zp = symmetric ? nullptr : zero.data_ptr<int8_t>();
+  const float half_range = static_cast<float>(static_cast<double>(qmax - qmin) / 2.0);
+  const float range = static_cast<float>(qmax - qmin);
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, rows * groups, 64, [&](int64_t begin, int64_t end) {
+    const __m512 lo = _mm512_set1_ps(static_cast<float>(qmin)), hi = _mm512_set1_ps(static_cast<float>(qmax));
+    for (int64_t g = begin; g < end; ++g) {
+      const float* xg = xp + g * group;
+      __m512 vmin = _mm512_loadu_ps(xg), vmax = vmin;
+      __mmask16 bad = _mm512_fpclass_ps_mask(vmin, kNonFinite);
+      for (int64_t i = kWidth; i < group; i += kWidth) {
+        const __m512 v = _mm512_loadu_ps(xg + i);
+        bad |= _mm512_fpclass_ps_mask(v, kNonFinite);
+        vmin = _mm512_min_ps(vmin, v);
+        vmax = _mm512_max_ps(vmax, v);
+      }
+      if (bad) {
+        finite = false;
+        continue;
+      }
+      const float wmin = std::min(_mm512_reduce_min_ps(vmin), 0.0f), wmax = std::max(_mm512_reduce_max_ps(vmax), 0.0f);
+      float s = symmetric ? std::max(-wmin, wmax) / half_range : (wmax - wmin) / range;
+      s = s > 0.0f ? s : 1.0f;
+      sp[g] = s;
+      __m512 shift = _mm512_setzero_ps();
+      if (!symmetric) {
+        const float z = std::min(std::max(std::nearbyint(static_cast<float>(qmin) - wmin / s),
+                                          static_cast<float>(qmin)), static_cast<float>(qmax));
+        zp[g] = static_cast<int8_t>(z);
+        shift = _mm512_set1_ps(z);
+      }
+      const __m512 step = _mm512_set1_ps(s);
+      for (int64_t i = 0; i < group; i += kWidth) {
+        __m512 level = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(xg + i), step),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        level = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(level, shift), lo), hi);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(cp + g * group + i),
+                         _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(level)));
+      }
+    }
+  });
+  TORCH_CHECK(finite.load(), "round_to_nearest: a group holds a value that is not finite");
+  return {codes, scale, zero};
+}
+
+// (sum of (dequantized - x)^2, sum of x^2) for a weight on a grouped grid, dequantized as QuantizedWeight.dequantize
+// does ((q - z) * s in float32); the sums in float64, for the relative weight error a command reports.
+at::Tensor grid_error(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
+                      int64_t group) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2,
+              "grid_error: a contiguous float32 CPU matrix only");
+  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.sizes() == x.sizes() && codes.is_contiguous(),
+              "grid_error: int8 codes of the weight's shape");
+  TORCH_CHECK(group >= kWidth && group % kWidth == 0 && x.size(1) % group == 0,
+              "grid_error: groups must be multiples of 16 that divide the rows");
+  const int64_t rows = x.size(0), groups = x.size(1) / group;
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == rows * groups,
+              "grid_error: one float32 scale per group");
+  const bool shifted = zero.numel() > 0;
+  TORCH_CHECK(!shifted || (zero.scalar_type() == at::kChar && zero.is_contiguous() && zero.numel() == rows * groups),
+              "grid_error: one int8 zero point per group, or none");
+  const float* xp = x.data_ptr<float>();
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const int8_t* zp = shifted ? zero.data_ptr<int8_t>() : nullptr;
+  std::vector<double> partial(2 * at::get_num_threads(), 0.0);
+  at::parallel_for(0, rows * groups, 64, [&](int64_t begin, int64_t end) {
+    __m512d err = _mm512_setzero_pd(), energy = _mm512_setzero_pd();
+    for (int64_t g = begin; g < end; ++g) {
+      const __m512 step = _mm512_set1_ps(sp[g]);
+      const __m512 shift = _mm512_set1_ps(shifted ? static_cast<float>(zp[g]) : 0.0f);
+      for (int64_t i = g * group; i < (g + 1) * group; i += kWidth) {
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + i))));
+        const __m512 v = _mm512_loadu_ps(xp + i);
+        const __m512 r = _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps(q, shift), step), v);
+        for (const __m512d h : {low_half(r), high_half(r)}) err = _mm512_add_pd(err, _mm512_mul_pd(h, h));
+        for (const __m512d h : {low_half(v), high_half(v)}) energy = _mm512_add_pd(energy, _mm512_mul_pd(h, h));
+      }
+    }
+    const int slot = at::get_thread_num();
+    partial[2 * slot] += _mm512_reduce_add_pd(err);
+    partial[2 * slot + 1] += _mm512_reduce_add_pd(energy);
+  });
+  at::Tensor out = at::empty({2}, x.options().dtype(at::kDouble));
+  double* op = out.data_ptr<double>();
+  op[0] = op[1] = 0.0;
+  for (size_t t = 0; t < partial.size(); t += 2) {
+    op[0] += partial[t];
+    op[1] += partial[t + 1];
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(infopt_kernels, m) {
+  m.def("grid_error(Tensor x, Tensor codes, Tensor scale, Tensor zero, int group) -> Tensor", &grid_error);
+  m.def("round_to_nearest(Tensor x, int group, int qmin, int qmax, bool symmetric) -> (Tensor, Tensor, Tensor)",
+        &round_to_nearest);
   m.def("round_q8_0(Tensor x) -> Tensor", &round_q8_0);
   m.def("round_q4_0(Tensor x, Tensor d) -> Tensor", &round_q4_0);
   m.def("symmetric_scale_search(Tensor x, Tensor w, int nmax, int steps) -> Tensor", &symmetric_scale_search);

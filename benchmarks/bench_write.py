@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REPEATS = 2
+REPEATS = 3
 # infopt command -> the llama.cpp type it is set against
 JOBS = [("GGUF Q8_0", ["--format", "gguf", "--gguf-type", "Q8_0"], "Q8_0", ".gguf"),
         ("GGUF Q4_0", ["--format", "gguf", "--gguf-type", "Q4_0"], "Q4_0", ".gguf"),

@@ -74,9 +74,11 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, storage: Storage = Stora
 
 def _in_kernel(weight: torch.Tensor, spec: QuantSpec, storage: Storage) -> QuantizedWeight | None:
     """quantize_rtn in one C++ pass (runtime/kernels/grid_search.cpp round_to_nearest: these steps, the same bytes)
-    for float32 CPU weights in groups of multiples of 16 with float32 scales; None elsewhere, and where a value is
-    not finite (--allow-non-finite), which the torch form handles as torch does."""
-    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or storage.scale_dtype not in (None, torch.float32)
+    for float32 CPU weights in groups of multiples of 16 with float32 scales, outside autograd (the op has no
+    gradient); None elsewhere, and where a value is not finite (--allow-non-finite), which the torch form handles as
+    torch does."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.requires_grad
+            or storage.scale_dtype not in (None, torch.float32)
             or storage.min_zero_offset or spec.bits > 8 or spec.group_size <= 0 or spec.group_size % 16
             or weight.shape[1] % spec.group_size):
         return None

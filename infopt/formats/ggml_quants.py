@@ -28,6 +28,7 @@ import torch
 from infopt.errors import InfoptError
 from infopt.quant.kgrid import (BETTER, affine_search, grid_codes, importance_weights, round_half_away,
                                  search_kernels, super_scales)
+from infopt.runtime.kernels.build import unless_non_finite
 
 QK = 32  # values per block of the legacy types
 QK_K = 256  # values per super-block of the K-quants
@@ -314,24 +315,13 @@ def quantize(type_name: str, weight: torch.Tensor, imatrix: torch.Tensor | None 
     return out
 
 
-def _in_kernel(op, *args: torch.Tensor) -> torch.Tensor | None:
-    """A C++ rounding of the blocks (grid_search.cpp: the torch form's steps, the same bytes), or None where a value is
-    not finite (written only under --allow-non-finite), which the torch form rounds as torch does."""
-    try:
-        return op(*args)
-    except RuntimeError as exc:
-        if "not finite" not in str(exc):
-            raise
-        return None
-
-
 def _quantize_rows(type_name: str, x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
     rows, cols = x.shape
     t = TYPES[type_name]
     if type_name in ("Q4_0", "Q5_0", "Q8_0"):
         blocks = _blocks(x, QK)
         kernels = search_kernels(blocks)
-        if type_name == "Q8_0" and kernels is not None and (packed := _in_kernel(kernels.round_q8_0, blocks)) is not None:
+        if type_name == "Q8_0" and kernels is not None and (packed := unless_non_finite(kernels.round_q8_0, blocks)) is not None:
             return packed.reshape(rows, -1)
         nmax = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128}[type_name]
         if type_name == "Q8_0":  # the symmetric 8-bit grid needs no search: amax / 127, as ggml does
@@ -340,7 +330,7 @@ def _quantize_rows(type_name: str, x: torch.Tensor, imatrix: torch.Tensor | None
             w = importance_weights(blocks, imatrix, QK)
             d = _symmetric_search(blocks, w, nmax).to(torch.float16).to(torch.float32)
             if type_name == "Q4_0" and kernels is not None and (
-                    packed := _in_kernel(kernels.round_q4_0, blocks, d.reshape(-1))) is not None:
+                    packed := unless_non_finite(kernels.round_q4_0, blocks, d.reshape(-1))) is not None:
                 return packed.reshape(rows, -1)
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
         hi = 127 if type_name == "Q8_0" else nmax - 1

@@ -9,7 +9,6 @@ familiar 32/b codes per word. Codes are stored unsigned: signed level + 2^(b-1).
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
@@ -19,19 +18,8 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     if dim == 0:
         return pack_int32(codes.t(), bits, 1).t().contiguous()
     rows, cols = codes.shape
-    if 8 % bits == 0 and sys.byteorder == "little":  # whole codes per byte: pack bytes, read them as words
+    if 8 % bits == 0:  # whole codes per byte: pack bytes, read them as (little-endian, as safetensors) words
         return _pack_bytes(codes, bits).reshape(-1).view(torch.int32).reshape(rows, -1)
-    if 32 % bits == 0:  # whole codes per word
-        per_word = 32 // bits
-        # uint8 arithmetic wraps mod 256, so (level + 2^(b-1)) & mask is the unsigned code for any b <= 8
-        unsigned = ((codes.view(torch.uint8) + (1 << (bits - 1))) & ((1 << bits) - 1)).to(torch.int32)
-        if cols % per_word:
-            unsigned = torch.nn.functional.pad(unsigned, (0, per_word - cols % per_word))
-        unsigned = unsigned.reshape(rows, -1, per_word)
-        words = unsigned[:, :, 0].clone()
-        for i in range(1, per_word):
-            words |= unsigned[:, :, i] << (i * bits)  # int32 shifts wrap into the sign bit, as intended
-        return words
     unsigned = (codes.to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)
     padded = math.ceil(cols / 32) * 32
     unsigned = torch.nn.functional.pad(unsigned, (0, padded - cols)).reshape(rows, -1, 32)

@@ -87,13 +87,11 @@ def _in_kernel(weight: torch.Tensor, spec: QuantSpec, storage: Storage) -> Quant
     ops = build.ops()
     if ops is None:
         return None
-    try:
-        codes, scale, zero = ops.round_to_nearest(weight.contiguous(), spec.group_size, spec.qmin, spec.qmax,
-                                                  spec.symmetric)
-    except RuntimeError as exc:
-        if "not finite" not in str(exc):
-            raise
+    result = build.unless_non_finite(ops.round_to_nearest, weight.contiguous(), spec.group_size, spec.qmin,
+                                     spec.qmax, spec.symmetric)
+    if result is None:
         return None
+    codes, scale, zero = result
     return QuantizedWeight(codes, scale, None if spec.symmetric else zero, spec)
 
 

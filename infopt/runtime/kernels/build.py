@@ -113,6 +113,17 @@ def _load() -> None:
     _state["ops"], _state["reason"] = namespace, reason
 
 
+def unless_non_finite(op, *args):
+    """op(*args), or None where the op refused a value that is not finite (written only under --allow-non-finite):
+    its caller then takes the torch form, which handles such values as torch does."""
+    try:
+        return op(*args)
+    except RuntimeError as exc:
+        if "not finite" not in str(exc):
+            raise
+        return None
+
+
 def available() -> bool:
     return ops() is not None
 

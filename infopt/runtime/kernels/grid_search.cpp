@@ -273,10 +273,14 @@ std::tuple<at::Tensor, at::Tensor> affine_scale_search(const at::Tensor& x, cons
 constexpr int64_t kLegacy = 32;
 constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80;  // vfpclassps: quiet NaN, +inf, -inf, signalling NaN
 
+void check_float_matrix(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, op,
+              ": a contiguous float32 CPU matrix only");
+}
+
 void check_legacy(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(), op,
-              ": contiguous float32 CPU blocks only");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == kLegacy, op, ": x must be [blocks, 32]");
+  check_float_matrix(x, op);
+  TORCH_CHECK(x.size(1) == kLegacy, op, ": x must be [blocks, 32]");
 }
 
 // x rounded to fp16 and back, as torch's .to(float16).to(float32): nearest even, overflow to infinity
@@ -374,8 +378,7 @@ at::Tensor round_q4_0(const at::Tensor& x, const at::Tensor& d) {
 // zero int8, or an empty tensor when symmetric).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> round_to_nearest(const at::Tensor& x, int64_t group, int64_t qmin,
                                                                 int64_t qmax, bool symmetric) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2,
-              "round_to_nearest: a contiguous float32 CPU matrix only");
+  check_float_matrix(x, "round_to_nearest");
   TORCH_CHECK(group >= kWidth && group % kWidth == 0 && x.size(1) % group == 0,
               "round_to_nearest: groups must be multiples of 16 that divide the rows");
   TORCH_CHECK(qmin < 0 && qmax > 0 && qmin >= -128 && qmax <= 127, "round_to_nearest: bad qmin/qmax");
@@ -435,8 +438,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> round_to_nearest(const at::Tensor
 // does ((q - z) * s in float32); the sums in float64, for the relative weight error a command reports.
 at::Tensor grid_error(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
                       int64_t group) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2,
-              "grid_error: a contiguous float32 CPU matrix only");
+  check_float_matrix(x, "grid_error");
   TORCH_CHECK(codes.scalar_type() == at::kChar && codes.sizes() == x.sizes() && codes.is_contiguous(),
               "grid_error: int8 codes of the weight's shape");
   TORCH_CHECK(group >= kWidth && group % kWidth == 0 && x.size(1) % group == 0,

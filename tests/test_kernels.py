@@ -136,6 +136,50 @@ def test_four_bit_weights(quant_type, double_quant):
         assert _rel(layer(x), _reference(x, dense)) < TOL
 
 
+# (bits, low code, block, affine): GGUF's block grids as the reader hands them over (Q4_1/Q4_K, Q5_0, Q5_1/Q5_K,
+# Q6_K), plus awkward row and column counts
+BLOCK_CASES = [(4, 0, 32, True), (5, -16, 32, False), (5, 0, 32, True), (6, -32, 16, False), (4, -8, 32, False),
+               (8, 0, 32, True)]
+
+
+@pytest.mark.parametrize("bits, low, block, affine", BLOCK_CASES)
+@pytest.mark.parametrize("rows, cols", [(36, 256), (13, 96)])
+def test_block_weights_run_packed_with_their_exact_values(bits, low, block, affine, rows, cols):
+    """code * scale + offset, as ggml dequantizes (a multiply, then an add): the kernels' weights equal
+    BlockWeight.dequantize() bit for bit, and their products the dense product up to summation order."""
+    from infopt.quant.weights import BlockWeight
+
+    g = torch.Generator().manual_seed(bits * 100 + block + rows)
+    codes = torch.randint(low, low + 2**bits, (rows, cols), generator=g).to(torch.int8)
+    scale = torch.rand(rows, cols // block, generator=g) * 0.02
+    offset = -torch.rand(rows, cols // block, generator=g) * 0.1 if affine else None
+    weight = BlockWeight(codes=codes, scale=scale, offset=offset, bits=bits, low=low)
+    dense = weight.dequantize()
+    packed = packing.pack(weight)
+    assert packed.kind == ("lut4" if bits <= 4 else "int8") and not ops.int8_activation_eligible(packed)
+    assert torch.equal(ops.torch_dequantize(packed, 0, rows)[:, :cols], dense)
+    x = torch.randn(5, cols, generator=g)
+    assert _rel(QuantLinear.from_quantized(weight, backend="torch", lean=True)(x), _reference(x, dense)) < TOL
+    if kernels.available():
+        assert torch.equal(ops.kernel_dequantize(packed, 0, rows)[:, :cols], dense)
+        for tokens in (1, 3, 5):
+            assert _rel(QuantLinear.from_quantized(weight, backend="ext")(x[:tokens]),
+                        _reference(x[:tokens], dense)) < TOL
+
+
+def test_block_weights_refuse_what_they_cannot_hold():
+    from infopt.quant.weights import BlockWeight
+
+    with pytest.raises(InfoptError, match="block weight"):
+        BlockWeight(codes=torch.zeros(4, 96, dtype=torch.int8), scale=torch.ones(4, 5), offset=None, bits=4, low=0)
+    if kernels.has_vnni():  # a float offset has no int8-activation form
+        weight = BlockWeight(codes=torch.zeros(4, 128, dtype=torch.int8), scale=torch.ones(4, 1), bits=4, low=0,
+                             offset=torch.ones(4, 1))
+        packed = packing.pack(weight)
+        with pytest.raises(RuntimeError, match="offsets"):
+            build.ops().lut4_mm_a8(torch.randn(1, 128), packed.data, packed.scale, packed.zero, 128, 4, None)
+
+
 def test_bf16_scales_follow_fp32_semantics():
     weight = _weight(64, 256, 4, 64, False, dtype=torch.bfloat16)
     assert weight.scale.dtype == torch.bfloat16

@@ -159,6 +159,46 @@ def test_quantized_logits_match_the_dequantized_model(quantized_dirs, name):
     assert _rel(by_backend["ext"], by_backend["torch"]) < 1e-4
 
 
+# GGUF types the runtime computes from as integer grids (the mixtures hold Q4_K / Q5_K and Q6_K tensors)
+GGUF_BLOCK_TYPES = ["Q4_1", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_M", "Q6_K"]
+
+
+@pytest.fixture(scope="module")
+def gguf_files(quantized_dirs, tmp_path_factory):
+    from infopt.workflows import make_request, quantize
+
+    root = tmp_path_factory.mktemp("rtgguf")
+    source = quantized_dirs["ct-int4-g128-asym"].parent / "src"
+    for name in GGUF_BLOCK_TYPES:
+        quantize(make_request(model=str(source), out=root / f"{name}.gguf", fmt="gguf", gguf_type=name))
+    return root
+
+
+@pytest.mark.parametrize("name", GGUF_BLOCK_TYPES)
+def test_gguf_block_types_run_packed_with_the_files_exact_weights(gguf_files, name):
+    """Q4_1, Q5_0, Q5_1 and the K-quants stay integer grids in the runtime (4-bit codes as lut4, wider ones as int8,
+    float offsets where ggml's blocks have a min), with no dense copy; their weights are the reader's exact values."""
+    from infopt.formats.gguf_container import read_header
+    from infopt.runtime.kernels import ops
+    from infopt.runtime.qlinear import QuantLinear
+
+    path = gguf_files / f"{name}.gguf"
+    types = {info.type for n, info in read_header(path).tensors.items() if n.startswith("blk.")}
+    assert types - {"F32"} == {"Q4_K_M": {"Q4_K", "Q6_K"}, "Q5_K_M": {"Q5_K", "Q6_K"}}.get(name, {name})
+    model_dir = open_model(str(path))
+    reference = load_causal_lm(model_dir)  # the reader's dequantized weights in transformers
+    ids = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = reference(ids[None]).logits[0]
+    model = load_engine_model(model_dir, backend="ext")
+    packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert sum(m.out_features for m in packed) >= 2 * 2048 and all(m.packed is not None and not m.note for m in packed)
+    for m in packed:  # each weight the kernels form is the file's value, bit for bit
+        rows = ops.kernel_dequantize(m.packed, 0, m.out_features)
+        assert torch.equal(rows, ops.torch_dequantize(m.packed, 0, m.out_features))
+    assert _rel(_stepwise_logits(model, ids, 9), want) < 1e-4
+
+
 @pytest.mark.parametrize("name", ["ct-int4-g128-asym", "awq-gemm", "ct-int4-g32-sym"])
 def test_int8_activation_backend_stays_close_to_the_exact_kernels(quantized_dirs, name):
     from infopt.runtime import kernels

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from infopt.errors import InfoptError
+from infopt.quant.weights import BlockWeight
 from infopt.quant.kgrid import (BETTER, affine_search, grid_codes, importance_weights, round_half_away,
                                  search_kernels, super_scales)
 from infopt.runtime.kernels.build import unless_non_finite
@@ -50,6 +51,7 @@ TYPES = {t.name: t for t in (
 )}
 BY_ID = {t.id: t for t in TYPES.values()}
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+CODE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
 
 
 def row_bytes(type_name: str, columns: int) -> int:
@@ -213,52 +215,61 @@ def pack_q6_k(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor) -> torch.T
 
 def dequantize(type_name: str, data: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Raw bytes (uint8, row-major blocks) of a [rows, cols] tensor -> float32 values."""
-    t = TYPES[type_name]
     if type_name == "F32":
         return data.contiguous().view(torch.float32).reshape(rows, cols).clone()
     if type_name == "F16":
         return data.contiguous().view(torch.float16).reshape(rows, cols).to(torch.float32)
     if type_name == "BF16":
         return data.contiguous().view(torch.bfloat16).reshape(rows, cols).to(torch.float32)
+    return unpack_blocks(type_name, data, rows, cols).dequantize()
+
+
+def unpack_blocks(type_name: str, data: torch.Tensor, rows: int, cols: int) -> BlockWeight:
+    """Raw bytes of a [rows, cols] tensor of a block type -> its codes and per-block steps and offsets, which
+    multiply and add to the values ggml's dequantize_row_* computes."""
+    t = TYPES[type_name]
     b = data.reshape(-1, t.nbytes)
+    offset = None
     if type_name == "Q8_0":
-        out = b[:, 2:].contiguous().view(torch.int8).to(torch.float32) * _f16(b[:, :2])
+        codes, scale, low = b[:, 2:].contiguous().view(torch.int8), _f16(b[:, :2]), -128
     elif type_name == "Q4_0":
-        out = _f16(b[:, :2]) * (_unnibble(b[:, 2:]).to(torch.int16) - 8).to(torch.float32)
+        codes, scale, low = _unnibble(b[:, 2:]).to(torch.int16) - 8, _f16(b[:, :2]), -8
     elif type_name == "Q4_1":
-        out = _f16(b[:, :2]) * _unnibble(b[:, 4:]).to(torch.float32) + _f16(b[:, 2:4])
+        codes, scale, offset, low = _unnibble(b[:, 4:]), _f16(b[:, :2]), _f16(b[:, 2:4]), 0
     elif type_name in ("Q5_0", "Q5_1"):
         start = 2 if type_name == "Q5_0" else 4
         mask = _u32(b[:, start : start + 4])
         high = ((mask.unsqueeze(1) >> torch.arange(32)) & 1).to(torch.int16)
-        q = _unnibble(b[:, start + 4 :]).to(torch.int16) | (high << 4)
+        codes, scale = _unnibble(b[:, start + 4 :]).to(torch.int16) | (high << 4), _f16(b[:, :2])
         if type_name == "Q5_0":
-            out = _f16(b[:, :2]) * (q - 16).to(torch.float32)
+            codes, low = codes - 16, -16
         else:
-            out = _f16(b[:, :2]) * q.to(torch.float32) + _f16(b[:, 2:4])
+            offset, low = _f16(b[:, 2:4]), 0
     elif type_name in ("Q4_K", "Q5_K"):
         d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
         sc, mn = _unpack_k_scales(b[:, 4:16])
-        dl = (d * sc.to(torch.float32)).unsqueeze(-1)
-        ml = (dmin * mn.to(torch.float32)).unsqueeze(-1)
+        scale = (d * sc.to(torch.float32)).reshape(-1, 1)
+        offset = (dmin * mn.to(torch.float32)).neg_().reshape(-1, 1)  # x = (d * sc) * q - dmin * mn
         if type_name == "Q4_K":
-            q = _k_unnibble(b[:, 16:])
+            codes = _k_unnibble(b[:, 16:])
         else:
             qh = b[:, 16:48].to(torch.int16)
             high = (qh.unsqueeze(1) >> torch.arange(8).reshape(1, 8, 1)) & 1  # [n, sub-block, value]
-            q = _k_unnibble(b[:, 48:]) | (high.reshape(-1, 256) << 4)
-        out = (dl * q.reshape(-1, 8, 32).to(torch.float32) - ml).reshape(-1, QK_K)
+            codes = _k_unnibble(b[:, 48:]) | (high.reshape(-1, 256) << 4)
+        low = 0
     elif type_name == "Q6_K":
         ql, qh = b[:, :128].to(torch.int16), b[:, 128:192].to(torch.int16)
         sc = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
-        d = _f16(b[:, 208:210])
-        low = (ql.reshape(-1, 2, 1, 64) >> torch.tensor([0, 4]).reshape(1, 1, 2, 1)) & 15  # [n, h, shift, 64]
+        scale = (_f16(b[:, 208:210]) * sc).reshape(-1, 1)
+        low_bits = (ql.reshape(-1, 2, 1, 64) >> torch.tensor([0, 4]).reshape(1, 1, 2, 1)) & 15  # [n, h, shift, 64]
         high = (qh.reshape(-1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6]).reshape(1, 1, 4, 1)) & 3  # [n, h, k, 32]
-        q = (low.reshape(-1, 8, 32) | (high.reshape(-1, 8, 32) << 4)) - 32
-        out = ((d * sc).reshape(-1, 16, 1) * q.reshape(-1, 16, 16).to(torch.float32)).reshape(-1, QK_K)
-    else:  # pragma: no cover - TYPES and this switch are kept together
+        codes, low = (low_bits.reshape(-1, 8, 32) | (high.reshape(-1, 8, 32) << 4)) - 32, -32
+    else:
         raise InfoptError(f"cannot dequantize {type_name}")
-    return out.reshape(rows, cols)
+    steps = cols // (16 if type_name == "Q6_K" else QK)  # one step per 32 values; Q6_K's per 16
+    return BlockWeight(codes=codes.to(torch.int8).reshape(rows, cols), scale=scale.reshape(rows, steps),
+                       offset=None if offset is None else offset.reshape(rows, steps), bits=CODE_BITS[type_name],
+                       low=low)
 
 
 # --- float quantizers ----------------------------------------------------------------------------------------

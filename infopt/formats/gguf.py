@@ -24,7 +24,7 @@ from infopt.formats.gguf_container import GGUFWriter, f32, read_header, string, 
 from infopt.formats.gguf_vocab import vocab_metadata
 from infopt.quant.kgrid import KGridWeight
 from infopt.quant.spec import QuantSpec
-from infopt.quant.weights import QuantizedWeight
+from infopt.quant.weights import BlockWeight, QuantizedWeight
 
 QUANT_METHOD = "gguf"
 QUANTIZATION_VERSION = 2  # general.quantization_version of current llama.cpp files
@@ -189,6 +189,9 @@ def _permute_weight(w, heads: int, inverse: bool = False):
     if isinstance(w, QuantizedWeight):
         return QuantizedWeight(op(w.codes, heads), op(w.scale, heads), None if w.zero is None else op(w.zero, heads),
                                w.spec, w.g_idx)
+    if isinstance(w, BlockWeight):
+        return BlockWeight(codes=op(w.codes, heads), scale=op(w.scale, heads), bits=w.bits, low=w.low,
+                           offset=None if w.offset is None else op(w.offset, heads))
     return op(w, heads)
 
 
@@ -526,9 +529,12 @@ def model_config(path: Path, header=None) -> dict:
     return config
 
 
-def read_quantized(files: list[Path], qconfig: dict) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
-    """Hugging Face names -> weights: Q4_0 and Q8_0 as integer grids the runtime computes from directly (their
-    blocks are symmetric int4 / int8 groups of 32 with a float scale), everything else dequantized to float32."""
+def read_quantized(files: list[Path], qconfig: dict) -> tuple[dict[str, QuantizedWeight | BlockWeight],
+                                                             dict[str, torch.Tensor]]:
+    """Hugging Face names -> weights: every block type's linear as an integer grid the runtime computes from
+    directly (Q4_0 and Q8_0 as QuantizedWeight: symmetric int4 / int8 groups of 32 with a float scale, the grid the
+    folder formats share; Q4_1, Q5_0, Q5_1 and the K-quants as BlockWeight, steps and offsets per block of 32 or
+    16); the token embedding and float tensors dequantized to float32."""
     from infopt.models.adapters import adapter_for
     from infopt.models.loading import architecture_shapes, text_config
 
@@ -553,7 +559,8 @@ def read_quantized(files: list[Path], qconfig: dict) -> tuple[dict[str, Quantize
                               f"{list(expected[hf_name])}")
         raw = header.tensor_bytes(info)
         rows, cols = (info.shape if len(info.shape) == 2 else (1, info.shape[0]))
-        if info.type in ("Q4_0", "Q8_0") and gguf_name != "token_embd.weight":  # the embedding is a lookup table
+        if info.type in ggml.CODE_BITS and len(info.shape) == 2 and gguf_name != "token_embd.weight":
+            # a linear's matrix (the embedding is a lookup table, and a foreign file's 1-D blocks stay dense)
             weight = _grid_weight(info.type, raw, rows, cols)
             quantized[hf_name] = _permute_weight(weight, names.permuted[hf_name], inverse=True) \
                 if hf_name in names.permuted else weight
@@ -569,15 +576,11 @@ def read_quantized(files: list[Path], qconfig: dict) -> tuple[dict[str, Quantize
     return quantized, dense
 
 
-def _grid_weight(type_name: str, raw: torch.Tensor, rows: int, cols: int) -> QuantizedWeight:
-    blocks = raw.reshape(rows * cols // ggml.QK, ggml.TYPES[type_name].nbytes)
-    d = blocks[:, :2].contiguous().view(torch.float16).to(torch.float32).reshape(rows, cols // ggml.QK)
-    if type_name == "Q8_0":
-        codes = blocks[:, 2:].contiguous().view(torch.int8).reshape(rows, cols)
-        return QuantizedWeight(codes, d, None, QuantSpec(8, ggml.QK, True))
-    nibbles = torch.cat([blocks[:, 2:] & 0x0F, blocks[:, 2:] >> 4], dim=1)
-    codes = (nibbles.to(torch.int16) - 8).to(torch.int8).reshape(rows, cols)
-    return QuantizedWeight(codes, d, None, QuantSpec(4, ggml.QK, True))
+def _grid_weight(type_name: str, raw: torch.Tensor, rows: int, cols: int) -> QuantizedWeight | BlockWeight:
+    blocks = ggml.unpack_blocks(type_name, raw, rows, cols)
+    if type_name in ("Q4_0", "Q8_0"):
+        return QuantizedWeight(blocks.codes, blocks.scale, None, QuantSpec(blocks.bits, ggml.QK, True))
+    return blocks
 
 
 def tensor_type_counts(header) -> dict[str, int]:

@@ -3,7 +3,8 @@
 Integer weights (QuantizedWeight) follow the conventions of GPTQ's reference code and of compressed-tensors:
 signed codes q in [-2^(b-1), 2^(b-1)-1], w ~ (q - z) * s per group. 4-bit table weights (FourBitWeight) are
 bitsandbytes' NF4/FP4: w ~ code[q] * absmax[block] over the flattened weight, two codes per byte, the even
-element in the high nibble. Neither knows which algorithm produced it or which file will hold it.
+element in the high nibble. Block weights (BlockWeight) are llama.cpp's small-block grids, w = q * s (+ m) with a
+float offset m. None knows which algorithm produced it or which file will hold it.
 """
 
 from __future__ import annotations
@@ -169,6 +170,44 @@ class FourBitWeight:
         """The weight in its original dtype, as bitsandbytes.functional.dequantize_4bit computes it."""
         values = self.code.float()[self.codes().int()]
         return _scale_blocks(values, self.absmax_fp32(), self.blocksize).to(self.dtype).reshape(self.orig_shape)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockWeight:
+    """Integer codes on a grid of small blocks, each with its own fp32 step and, for affine grids, an additive
+    offset: w = code * scale (+ offset), computed in fp32 as a multiply then an add. This is how llama.cpp's GGUF
+    block types dequantize (ggml-quants.c, dequantize_row_*): Q5_0 and Q6_K symmetric; Q4_1, Q5_1, Q4_K and Q5_K
+    affine, whose offset (a float min, not an integer zero point) no QuantizedWeight can hold."""
+
+    codes: torch.Tensor  # int8 [out, in]: the block's integer level (Q4_1 / Q4_K: 0..15; Q6_K: -32..31)
+    scale: torch.Tensor  # fp32 [out, in / block]
+    offset: torch.Tensor | None  # fp32 [out, in / block]; None: w = code * scale
+    bits: int  # code width: codes lie in [low, low + 2^bits)
+    low: int  # the smallest code
+
+    def __post_init__(self) -> None:
+        rows, cols = self.codes.shape
+        blocks = self.scale.shape[1] if self.scale.dim() == 2 else 0
+        if (self.codes.dtype != torch.int8 or self.scale.dtype != torch.float32 or self.scale.shape[0] != rows
+                or blocks == 0 or cols % blocks
+                or (self.offset is not None and self.offset.shape != self.scale.shape)):
+            raise InfoptError(f"a block weight needs int8 codes [out, in] and fp32 scales [out, blocks] dividing in; "
+                              f"got {tuple(self.codes.shape)} codes and {tuple(self.scale.shape)} scales")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def block(self) -> int:
+        return self.codes.shape[1] // self.scale.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        rows, cols = self.codes.shape
+        values = self.codes.reshape(rows, -1, self.block).to(torch.float32).mul_(self.scale.unsqueeze(-1))
+        if self.offset is not None:
+            values.add_(self.offset.unsqueeze(-1))
+        return values.reshape(rows, cols)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from infopt.errors import InfoptError
-from infopt.quant.weights import FourBitWeight, QuantizedWeight
+from infopt.quant.weights import BlockWeight, FourBitWeight, QuantizedWeight
 from infopt.runtime import kernels
 from infopt.runtime.kernels import PackedWeight, Unpackable
 
@@ -51,7 +51,7 @@ class QuantLinear(nn.Module):
         self.note = note
 
     @classmethod
-    def from_quantized(cls, weight: QuantizedWeight | FourBitWeight, bias: torch.Tensor | None = None,
+    def from_quantized(cls, weight: QuantizedWeight | FourBitWeight | BlockWeight, bias: torch.Tensor | None = None,
                        backend: str | None = None, lean: bool = False, device: str = "cuda") -> QuantLinear:
         """Pack `weight` for `backend` ("ext", "torch", or None: "ext" when the extension is available)."""
         if backend not in (None, *BACKENDS):
@@ -78,7 +78,8 @@ class QuantLinear(nn.Module):
         return cls(in_f, out_f, backend, packed=packed, bias=bias, note=note)
 
     @classmethod
-    def _for_gpu(cls, weight: QuantizedWeight | FourBitWeight, bias: torch.Tensor | None, device: str) -> QuantLinear:
+    def _for_gpu(cls, weight: QuantizedWeight | FourBitWeight | BlockWeight, bias: torch.Tensor | None,
+                 device: str) -> QuantLinear:
         from infopt.runtime.kernels import triton_int4
 
         if not triton_int4.available():
@@ -87,7 +88,7 @@ class QuantLinear(nn.Module):
         bias = None if bias is None else bias.detach().float().to(device)
         try:
             if not isinstance(weight, QuantizedWeight):
-                raise ValueError("NF4/FP4 weights have no Triton kernel")
+                raise ValueError("NF4/FP4 and GGUF block weights have no Triton kernel")
             return cls(in_f, out_f, "triton", bias=bias, gpu=triton_int4.pack(weight, device))
         except ValueError as exc:
             dense = kernels.dequantize_fp32(weight).to(device=device, dtype=torch.float16)
@@ -157,7 +158,7 @@ def concat_bias(biases: list[torch.Tensor | None], sizes: list[int]) -> torch.Te
                       for b, n in zip(biases, sizes)])
 
 
-def replace_linears(model: nn.Module, quantized: Mapping[str, QuantizedWeight | FourBitWeight],
+def replace_linears(model: nn.Module, quantized: Mapping[str, QuantizedWeight | FourBitWeight | BlockWeight],
                     backend: str | None = None, lean: bool = False) -> list[str]:
     """Swap each named nn.Linear of `model` for a QuantLinear holding its quantized weight; returns the names.
 

@@ -1,7 +1,7 @@
 """Products with packed weights: the C++ kernels, and plain-torch paths that form the same fp32 weights.
 
-Every path computes y = x @ w.T in fp32 with w = (value - zero) * scale formed identically, so they differ only
-in summation order (about 1e-6 relative). x is [tokens, in_features] in fp32, bf16 or fp16; y is fp32.
+Every path computes y = x @ w.T in fp32 with w = (value - zero) * scale (or value * scale + offset, for fp32
+"zero" offsets) formed identically, so they differ only in summation order (about 1e-6 relative). x is [tokens, in_features] in fp32, bf16 or fp16; y is fp32.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def int8_activation_eligible(w: PackedWeight) -> bool:
     """Whether lut4_mm_a8 takes `w`: linear int codes (not NF4/FP4 tables) in groups of whole 128-column units."""
-    return w.int_codes and w.group_size % UNIT_COLS["lut4"] == 0 and build.has_vnni()
+    return (w.int_codes and w.group_size % UNIT_COLS["lut4"] == 0 and build.has_vnni()
+            and (w.zero is None or w.zero.dtype == torch.int8))
 
 
 def kernel_matmul_a8(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
@@ -83,14 +84,19 @@ def kernel_dequantize(w: PackedWeight, row0: int, row1: int) -> torch.Tensor:
 
 
 def torch_dequantize(w: PackedWeight, row0: int, row1: int) -> torch.Tensor:
-    """The same rows as kernel_dequantize, in plain torch: (value - zero) * scale per group, in fp32."""
+    """The same rows as kernel_dequantize, in plain torch: (value - zero) * scale per group, in fp32 (value * scale +
+    offset where the zero points are fp32 offsets)."""
     t0, t1 = row0 // ROWS, -(-row1 // ROWS)  # the whole tiles holding the rows
     rows = untile_rows(w.data[t0:t1], UNIT_BYTES[w.kind])
     values = w.lut[unpack_nibbles(rows).long()] if w.kind == "lut4" else rows.float()
     grouped = values.reshape(values.shape[0], -1, w.group_size)
-    if w.zero is not None:
+    offset = w.zero is not None and w.zero.is_floating_point()
+    if w.zero is not None and not offset:
         grouped = grouped - untile_params(w.zero[t0:t1]).float().unsqueeze(-1)
-    weights = (grouped * untile_params(w.scale[t0:t1]).unsqueeze(-1)).reshape(values.shape[0], -1)
+    grouped = grouped * untile_params(w.scale[t0:t1]).unsqueeze(-1)
+    if offset:
+        grouped = grouped + untile_params(w.zero[t0:t1]).unsqueeze(-1)
+    weights = grouped.reshape(values.shape[0], -1)
     return weights[row0 - t0 * ROWS: row1 - t0 * ROWS]
 
 

@@ -4,7 +4,8 @@ Two layouts (qmatmul.cpp's header gives the byte order):
   lut4: int2/3/4 codes and NF4/FP4 indices, 4 bits each, in 128-column units of 64 bytes, plus a 16-entry table;
   int8: int8 codes, one per byte, in 32-column units.
 Rows are interleaved in tiles of 4 (a tile is one contiguous stream: unit 0 of its 4 rows, unit 1, ...), with fp32
-scales and optional int8 zero points [tiles, groups, 4]; the weight is (value - zero) * scale in fp32.
+scales and optional int8 zero points [tiles, groups, 4]; the weight is (value - zero) * scale in fp32. GGUF's affine
+blocks (BlockWeight with an offset) carry fp32 offsets in the zero points' place instead: value * scale + offset.
 Act-order weights (GPTQ desc_act) are stored with their columns sorted by group, and `perm` says which input
 column each stored column reads, so the input is gathered once per call (cheap and exact).
 Columns are padded to a whole unit (only per-channel weights, or lut4 groups of 32/64, can need it; padding
@@ -19,12 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-from infopt.quant.weights import FourBitWeight, QuantizedWeight
+from infopt.quant.weights import BlockWeight, FourBitWeight, QuantizedWeight
 
 ROWS = 4  # rows per interleaved tile
 UNIT_COLS = {"lut4": 128, "int8": 32}
 UNIT_BYTES = {"lut4": 64, "int8": 32}
-SMALL_LUT4_GROUPS = (32, 64)  # lut4 groups narrower than a unit that the kernel handles
+SMALL_GROUPS = {"lut4": (32, 64), "int8": (16,)}  # groups narrower than a unit that the kernels handle
 INT4_LUT = torch.arange(16, dtype=torch.float32) - 8  # stored index u holds the signed code u - 8
 
 
@@ -37,7 +38,7 @@ class PackedWeight:
     kind: str  # "lut4" or "int8"
     data: torch.Tensor  # [tiles, bytes per tile]: uint8 (lut4, in_pad / 2 bytes a row) or int8 (in_pad a row)
     scale: torch.Tensor  # fp32 [tiles, groups, 4]
-    zero: torch.Tensor | None  # int8 [tiles, groups, 4]; None when symmetric
+    zero: torch.Tensor | None  # int8 zero points or fp32 offsets [tiles, groups, 4]; None when symmetric
     lut: torch.Tensor | None  # fp32 [16] value of each 4-bit index (lut4 only)
     group_size: int  # packed columns per group; in_pad for one scale per row
     in_features: int
@@ -55,7 +56,7 @@ class PackedWeight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes a matrix-vector product streams: packed values, scales and zero points."""
+        """Bytes a matrix-vector product streams: packed values, scales and zero points or offsets."""
         tensors = [self.data, self.scale] + ([self.zero] if self.zero is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -72,7 +73,7 @@ def group_size_for(kind: str, in_features: int, groups: int) -> int:
     width = in_features // groups
     if width * groups != in_features:
         raise Unpackable(f"{in_features} columns do not split into {groups} equal groups")
-    if width % unit and not (kind == "lut4" and width in SMALL_LUT4_GROUPS):
+    if width % unit and width not in SMALL_GROUPS[kind]:
         raise Unpackable(f"no {kind} kernel for groups of {width} columns")
     return width
 
@@ -156,7 +157,8 @@ def _packed(kind: str, values: torch.Tensor, scale: torch.Tensor, zero: torch.Te
         rows = _pad(values, out_pad, in_pad, 0)
     data = tile_rows(rows, UNIT_BYTES[kind])
     scale_t = tile_params(scale.float(), out_pad, groups)
-    zero_t = None if zero is None else tile_params(zero.to(torch.int8), out_pad, groups)
+    zero_t = None if zero is None else tile_params(zero if zero.is_floating_point() else zero.to(torch.int8),
+                                                   out_pad, groups)
     return PackedWeight(kind, data, scale_t, zero_t, lut, group_size, in_f, out_f, perm)
 
 
@@ -176,6 +178,19 @@ def pack_quantized(weight: QuantizedWeight) -> PackedWeight:
     if kind == "int8":
         return _packed(kind, codes.to(torch.int8), weight.scale, weight.zero, None, group_size, perm)
     return _packed(kind, codes.to(torch.int16) + 8, weight.scale, weight.zero, INT4_LUT.clone(), group_size, perm)
+
+
+def pack_blocks(weight: BlockWeight) -> PackedWeight:
+    """Repack a GGUF block weight: codes of up to 4 bits as lut4 indices (the table holds the codes themselves),
+    wider ones as int8, each block's step a group scale and its offset in the zero points' place."""
+    in_f = weight.shape[1]
+    kind = "lut4" if weight.bits <= 4 else "int8"
+    group_size = group_size_for(kind, in_f, weight.scale.shape[1])
+    offset = None if weight.offset is None else weight.offset.float()
+    if kind == "int8":
+        return _packed(kind, weight.codes, weight.scale, offset, None, group_size, None)
+    lut = torch.arange(16, dtype=torch.float32) + weight.low
+    return _packed(kind, weight.codes.to(torch.int16) - weight.low, weight.scale, offset, lut, group_size, None)
 
 
 def pack_four_bit(weight: FourBitWeight) -> PackedWeight:
@@ -208,7 +223,8 @@ def concat_rows(parts: list[PackedWeight]) -> PackedWeight | None:
         if (w.kind, w.group_size, w.in_features, w.data.shape[1]) != (first.kind, first.group_size,
                                                                        first.in_features, first.data.shape[1]):
             return None
-        if (w.zero is None) != (first.zero is None) or not _same(w.lut, first.lut) or not _same(w.perm, first.perm):
+        if ((w.zero is None) != (first.zero is None) or (w.zero is not None and w.zero.dtype != first.zero.dtype)
+                or not _same(w.lut, first.lut) or not _same(w.perm, first.perm)):
             return None
     if any(w.out_features % ROWS for w in parts[:-1]):
         return None
@@ -218,14 +234,19 @@ def concat_rows(parts: list[PackedWeight]) -> PackedWeight | None:
                         first.perm)
 
 
-def pack(weight: QuantizedWeight | FourBitWeight) -> PackedWeight:
+def pack(weight: QuantizedWeight | FourBitWeight | BlockWeight) -> PackedWeight:
     if isinstance(weight, FourBitWeight):
         return pack_four_bit(weight)
+    if isinstance(weight, BlockWeight):
+        return pack_blocks(weight)
     return pack_quantized(weight)
 
 
-def dequantize_fp32(weight: QuantizedWeight | FourBitWeight) -> torch.Tensor:
-    """fp32 [out, in] with the kernels' arithmetic, for weights pack() refuses: (code - zero) * scale in fp32."""
+def dequantize_fp32(weight: QuantizedWeight | FourBitWeight | BlockWeight) -> torch.Tensor:
+    """fp32 [out, in] with the kernels' arithmetic, for weights pack() refuses: (code - zero) * scale in fp32
+    (code * scale + offset for block weights)."""
+    if isinstance(weight, BlockWeight):
+        return weight.dequantize()
     if isinstance(weight, FourBitWeight):
         values = weight.code.float()[weight.codes().long()]
         scales = weight.absmax_fp32().repeat_interleave(weight.blocksize)[: values.numel()]

@@ -3,7 +3,9 @@
 // y[b, o] = sum_k x[b, k] * w[o, k] with w[o, k] = (value(o, k) - zero[o, g]) * scale[o, g], g the group of k,
 // all in fp32. Each weight is formed exactly as the plain-torch fallback forms it ((value - zero) is a small
 // integer or a table value minus 0, exact in fp32; times the fp32 scale, rounded once), so the two differ only in
-// summation order.
+// summation order. A float32 "zero" is an additive offset instead: w = value * scale + offset, multiplied and then
+// added (no fused multiply-add), as ggml dequantizes its affine blocks (Q4_1: d * q + m; Q4_K: (d * sc) * q - dmin
+// * mn, the offset holding -dmin * mn), so a GGUF file's weights are formed bit for bit as its reader forms them.
 //
 // Packed layouts (built by infopt/runtime/kernels/packing.py, columns already in act-order-sorted order):
 //   Rows come in tiles of 4 and columns in units (128 columns for lut4, 32 for int8). A tile is one contiguous
@@ -13,8 +15,9 @@
 //         index of column 16j + l. value = lut[index], a 16-entry fp32 table (index - 8 for signed int2/3/4
 //         codes; the NF4/FP4 code values).
 //   int8: a row's unit is its 32 int8 codes; value = code.
-//   scale: fp32 [tiles, groups, 4]; zero: int8 [tiles, groups, 4] or absent. A group spans group_size columns:
-//   a multiple of the unit, or (lut4) 32 or 64 columns; all padded columns for one scale per row.
+//   scale: fp32 [tiles, groups, 4]; zero: int8 zero points or fp32 offsets [tiles, groups, 4], or absent. A group
+//   spans group_size columns: a multiple of the unit, or 32 or 64 (lut4) / 16 (int8) columns; all padded columns
+//   for one scale per row.
 //
 // lut4 decode: per row and group the 16 possible weights (lut - zero) * scale sit in one zmm register, and
 // vpermps (_mm512_permutexvar_ps) picks one per lane by the low 4 bits of each 32-bit index lane (Intel SDM,
@@ -111,7 +114,8 @@ struct Weight {
   const uint8_t* data;
   int64_t out, tiles, in_pad, groups, group_size, unit_bytes, tile_bytes;
   const float* scale;  // [tiles, groups, 4]
-  const int8_t* zero;  // same shape, nullptr when symmetric
+  const int8_t* zero;  // same shape, nullptr when symmetric or affine
+  const float* offset;  // same shape, nullptr unless affine (w = value * scale + offset)
 
   INFOPT_INLINE const uint8_t* unit(int64_t t, int64_t u, int64_t r) const {
     return data + t * tile_bytes + (u * kRows + r) * unit_bytes;
@@ -136,11 +140,16 @@ Weight describe(const at::Tensor& data, int64_t unit_cols, int64_t unit_bytes, c
                   scale.size(0) == tiles && scale.size(1) == groups && scale.size(2) == kRows,
               "scale must be contiguous float32 [tiles, groups, 4]");
   Weight w{static_cast<const uint8_t*>(data.data_ptr()), out, tiles, in_pad, groups, group_size, unit_bytes,
-           tile_bytes, scale.data_ptr<float>(), nullptr};
+           tile_bytes, scale.data_ptr<float>(), nullptr, nullptr};
   if (zero.has_value()) {
-    TORCH_CHECK(zero->scalar_type() == at::kChar && zero->is_contiguous() && zero->sizes() == scale.sizes(),
-                "zero must be contiguous int8 shaped like scale");
-    w.zero = zero->data_ptr<int8_t>();
+    TORCH_CHECK((zero->scalar_type() == at::kChar || zero->scalar_type() == at::kFloat) && zero->is_contiguous() &&
+                    zero->sizes() == scale.sizes(),
+                "zero must be contiguous int8 (zero points) or float32 (offsets) shaped like scale");
+    if (zero->scalar_type() == at::kChar) {
+      w.zero = zero->data_ptr<int8_t>();
+    } else {
+      w.offset = zero->data_ptr<float>();
+    }
   }
   return w;
 }
@@ -151,10 +160,13 @@ struct Lut4 {
   static constexpr int64_t kUnitCols = 128, kUnitBytes = 64, kVectors = 8;
   __m512 lut;
   struct Group {
-    __m512 table;  // the 16 weights (lut - zero) * scale
+    __m512 table;  // the 16 weights (lut - zero) * scale, or lut * scale + offset
   };
   INFOPT_INLINE Group group(const Weight& w, int64_t t, int64_t g, int64_t r) const {
     const int64_t i = w.param(t, g, r);
+    if (w.offset != nullptr) {
+      return {_mm512_add_ps(_mm512_mul_ps(lut, _mm512_set1_ps(w.scale[i])), _mm512_set1_ps(w.offset[i]))};
+    }
     const __m512 shifted = _mm512_sub_ps(lut, _mm512_set1_ps(w.zero_at(i)));
     return {_mm512_mul_ps(shifted, _mm512_set1_ps(w.scale[i]))};
   }
@@ -166,25 +178,37 @@ struct Lut4 {
   }
 };
 
-template <bool kZero>
+// How an int8 code becomes a weight: code * scale, (code - zero) * scale, or code * scale + offset.
+enum class Shift { kNone, kZero, kOffset };
+
+template <Shift kShift>
 struct Int8 {
   static constexpr int64_t kUnitCols = 32, kUnitBytes = 32, kVectors = 2;
   struct Group {
-    __m512 scale, zero;
+    __m512 scale, shift;
   };
   INFOPT_INLINE Group group(const Weight& w, int64_t t, int64_t g, int64_t r) const {
     const int64_t i = w.param(t, g, r);
-    return {_mm512_set1_ps(w.scale[i]), _mm512_set1_ps(w.zero_at(i))};
+    return {_mm512_set1_ps(w.scale[i]), _mm512_set1_ps(kShift == Shift::kOffset ? w.offset[i] : w.zero_at(i))};
   }
   INFOPT_INLINE static const uint8_t* load(const uint8_t* unit) { return unit; }
   template <int J>
   INFOPT_INLINE static __m512 vec(const uint8_t* unit, const Group& grp) {
     const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(unit + 16 * J));
-    __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
-    if (kZero) v = _mm512_sub_ps(v, grp.zero);
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+    if constexpr (kShift == Shift::kZero) return _mm512_mul_ps(_mm512_sub_ps(v, grp.shift), grp.scale);
+    if constexpr (kShift == Shift::kOffset) return _mm512_add_ps(_mm512_mul_ps(v, grp.scale), grp.shift);
     return _mm512_mul_ps(v, grp.scale);
   }
 };
+
+// The int8 product or decoder f(decoder) for w's kind of shift.
+template <typename F>
+auto with_int8_decoder(const Weight& w, F f) {
+  if (w.offset != nullptr) return f(Int8<Shift::kOffset>{});
+  if (w.zero != nullptr) return f(Int8<Shift::kZero>{});
+  return f(Int8<Shift::kNone>{});
+}
 
 // Accumulators for R rows x NB activation rows. One activation row gets a second set (odd vectors) so that 8
 // independent FMA chains are in flight. The choice depends on NB only, so a row's summation order (and result)
@@ -487,6 +511,7 @@ at::Tensor lut4_mm_a8(const at::Tensor& x_in, const at::Tensor& packed, const at
   TORCH_CHECK(packed.scalar_type() == at::kByte, "lut4 data must be uint8");
   const Weight w = describe(packed, Lut4::kUnitCols, Lut4::kUnitBytes, scale, zero, group_size, out_features);
   TORCH_CHECK(w.group_size % Lut4::kUnitCols == 0, "int8-activation products need groups of whole 128-column units");
+  TORCH_CHECK(w.offset == nullptr, "int8-activation products take zero points, not float offsets");
   const QuantizedActivations q = quantize_activations(prepare(x_in, w.in_pad, perm));
   const int64_t rows = x_in.size(0);
   at::Tensor y = at::empty({rows, w.out}, at::TensorOptions().dtype(at::kFloat));
@@ -550,7 +575,7 @@ Weight describe_lut4(const at::Tensor& packed, const at::Tensor& scale, const st
 Weight describe_int8(const at::Tensor& codes, const at::Tensor& scale, const std::optional<at::Tensor>& zero,
                      int64_t group_size, int64_t out) {
   TORCH_CHECK(codes.scalar_type() == at::kChar, "int8 data must be int8");
-  return describe(codes, Int8<false>::kUnitCols, Int8<false>::kUnitBytes, scale, zero, group_size, out);
+  return describe(codes, Int8<Shift::kNone>::kUnitCols, Int8<Shift::kNone>::kUnitBytes, scale, zero, group_size, out);
 }
 
 at::Tensor lut4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
@@ -571,9 +596,10 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
                    const std::optional<at::Tensor>& zero, int64_t group_size, int64_t out_features,
                    const std::optional<at::Tensor>& perm) {
   const Weight w = describe_int8(codes, scale, zero, group_size, out_features);
-  TORCH_CHECK(groups_per_unit(w, Int8<false>::kUnitCols) == 1, "int8 groups must be a multiple of 32 columns");
+  const int64_t per_unit = groups_per_unit(w, Int8<Shift::kNone>::kUnitCols);
+  TORCH_CHECK(per_unit == 1 || per_unit == 2, "int8 groups must be 16 columns or a multiple of 32");
   const Activations a = prepare(x, w.in_pad, perm);
-  return w.zero != nullptr ? drive<1>(w, a, Int8<true>{}) : drive<1>(w, a, Int8<false>{});
+  return with_int8_decoder(w, [&](auto dec) { return per_unit == 1 ? drive<1>(w, a, dec) : drive<2>(w, a, dec); });
 }
 
 at::Tensor lut4_dequant(const at::Tensor& packed, const at::Tensor& scale, const std::optional<at::Tensor>& zero,
@@ -585,7 +611,7 @@ at::Tensor lut4_dequant(const at::Tensor& packed, const at::Tensor& scale, const
 at::Tensor int8_dequant(const at::Tensor& codes, const at::Tensor& scale, const std::optional<at::Tensor>& zero,
                         int64_t group_size, int64_t out_features, int64_t row0, int64_t row1) {
   const Weight w = describe_int8(codes, scale, zero, group_size, out_features);
-  return dequant_rows(w, Int8<true>{}, row0, row1);  // subtracting a zero of 0 is exact
+  return with_int8_decoder(w, [&](auto dec) { return dequant_rows(w, dec, row0, row1); });
 }
 
 }  // namespace

@@ -207,6 +207,11 @@ def section(stories: Path, bench_model: Path, work: Path, threads: int = 2) -> l
                                           "Q4_0 (infopt GPTQ)": bench_dir / "bench-llama-infopt-gptq-Q4_0.gguf",
                                           "Q4_K_M (infopt RTN)": bench_dir / "bench-llama-infopt-Q4_K_M.gguf"},
                           threads)
+    import bench_engines  # noqa: PLC0415 (the engines section's 706M Llama and its GGUF files, cached)
+
+    large = bench_engines.checkpoints()
+    decode += decode_rows("synthetic 706M", {f"{t} (infopt RTN)": large[t] for t in ("Q8_0", "Q4_0", "Q4_K_M")},
+                          threads)
     return [
         f"{threads} threads everywhere. llama.cpp {LLAMA_CPP_VERSION} (llama-cpp-python's vendored tree): its",
         "converter writes F32, its quantizer (`llama_model_quantize`, what `llama-quantize` runs) each type, without",
@@ -220,8 +225,7 @@ def section(stories: Path, bench_model: Path, work: Path, threads: int = 2) -> l
         "tokenizer.json and the source config. Where infopt loses: Q4_0 on the bench model (GPTQ's symmetric scale",
         "absmax / 7.5 against ggml's signed maximum / -8, which puts the largest value on a level; infopt's searched",
         "RTN scale lowers the weight MSE yet not this model's perplexity), the time to write (a whole Python command",
-        "against an in-process call on an already converted file), and decode speed (per-token overhead on a 5M",
-        "model; K-quants run dense).",
+        "against an in-process call on an already converted file).",
         "",
         *quality,
         "",
@@ -234,9 +238,11 @@ def section(stories: Path, bench_model: Path, work: Path, threads: int = 2) -> l
         "",
         "### Decode speed of the same file, batch 1",
         "",
-        f"Greedy, 64 new tokens after a 5-token prompt, {threads} threads, medians of 3 alternating runs. infopt runs",
-        "Q4_0/Q8_0 on its packed int4/int8 kernels and dequantizes K-quants to dense weights at load (no K-quant",
-        "kernel yet), which the Q4_K_M row shows. Ratio > 1: infopt is faster.",
+        f"Greedy, 64 new tokens after a 5-token prompt, {threads} threads, medians of 3 alternating runs; llama.cpp",
+        "without its CPU weight repacking, which crashes on these files here (see the engines section). infopt",
+        "computes from every block type packed: Q4_0 / Q8_0 as int4 / int8 groups of 32, Q4_K as 4-bit codes with a",
+        "step and a float offset per 32 values, Q6_K as int8 codes with a step per 16. The 706M rows are the engines",
+        "section's files. Ratio > 1: infopt is faster.",
         "",
         *decode,
     ]

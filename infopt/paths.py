@@ -59,10 +59,10 @@ OUTPUT_MARKERS = ("infopt-manifest.json", "release.json")  # what every folder i
 
 def _infopt_file(path: Path) -> bool:
     """Whether a single-file output was written by infopt (a GGUF file naming infopt as its quantizer)."""
-    from infopt.formats.gguf_container import read_header
+    from infopt.formats.gguf_container import read_file_header
 
-    try:
-        return str(read_header(path).metadata.get("general.quantized_by", "")).startswith("infopt")
+    try:  # every shard of a split model names its writer too
+        return str(read_file_header(path).metadata.get("general.quantized_by", "")).startswith("infopt")
     except InfoptError:
         return False
 
@@ -140,29 +140,73 @@ def atomic_output_dir(target: Path, force: bool = False) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_output_files(target: Path, companions: list[str], force: bool = False) -> Iterator[Path]:
+def atomic_output_files(target: Path, companions: list[str], force: bool = False,
+                        split: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside a single-file `target`; the block writes the file under its own name (and
-    the companions, e.g. a model card) there, and each is moved into place whole only if the block succeeds."""
+    the companions, e.g. a model card) there, and each is moved into place whole only if the block succeeds.
+
+    split: the block writes the target's shards instead (NAME-00001-of-0000N.gguf for a target NAME.gguf,
+    llama.cpp's split naming). Earlier outputs under the target's name, the file itself or shards of any count,
+    are replaced only with --force and only when infopt wrote them: for a split output they are removed, first
+    shard first, and the new shards moved in with the first one last, so no mixture of old and new shards is ever
+    loadable."""
     target = Path(target)
-    if target.suffix != ".gguf":
-        raise InfoptError(f"--out {target}: a single-file output is named *.gguf")
-    check_output_target(target, force)
-    for name in companions:
-        companion = target.parent / name
-        if companion.exists() and not (force and target.is_file()):
-            raise InfoptError(f"{companion} already exists (it is written beside {target.name}; use --force only "
-                              "over an earlier infopt output)")
+    earlier = check_file_outputs(target, companions, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
+        if not split:
+            for name in companions:
+                os.replace(tmp / name, target.parent / name)
+            os.chmod(tmp / target.name, 0o644)
+            os.replace(tmp / target.name, target)
+            for path in earlier:  # a split model written under this name before
+                path.unlink()
+            return
+        shards = _earlier_shards(tmp / target.name)
+        if not shards:
+            raise InfoptError(f"no shards of {target.name} were written")  # pragma: no cover - the writer's promise
+        for path in ([target] if target.exists() else []) + earlier:
+            path.unlink()
+        for path in shards[1:]:
+            os.chmod(path, 0o644)
+            os.replace(path, target.parent / path.name)
         for name in companions:
             os.replace(tmp / name, target.parent / name)
-        os.chmod(tmp / target.name, 0o644)
-        os.replace(tmp / target.name, target)
+        os.chmod(shards[0], 0o644)
+        os.replace(shards[0], target.parent / shards[0].name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_file_outputs(target: Path, companions: list[str], force: bool) -> list[Path]:
+    """What atomic_output_files checks before it writes (callers check early too, before long work): every earlier
+    output under the target's name is an infopt output and --force is given. Returns the earlier shards."""
+    target = Path(target)
+    if target.suffix != ".gguf":
+        raise InfoptError(f"--out {target}: a single-file output is named *.gguf")
+    earlier = _earlier_shards(target)
+    for path in [target, *earlier]:
+        check_output_target(path, force)
+    for name in companions:
+        companion = target.parent / name
+        if companion.exists() and not (force and (target.is_file() or earlier)):
+            raise InfoptError(f"{companion} already exists (it is written beside {target.name}; use --force only "
+                              "over an earlier infopt output)")
+    return earlier
+
+
+def _earlier_shards(target: Path) -> list[Path]:
+    """Files beside `target` (NAME.gguf) named as shards of NAME, sorted (first shards first)."""
+    from infopt.formats.gguf_container import SPLIT_NAME
+
+    if not target.parent.is_dir():
+        return []
+    prefix = target.name.removesuffix(".gguf")
+    found = [p for p in target.parent.iterdir() if (m := SPLIT_NAME.match(p.name)) and m["prefix"] == prefix]
+    return sorted(found, key=lambda p: (SPLIT_NAME.match(p.name)["no"], p.name))
 
 
 def sha256_file(path: Path) -> str:

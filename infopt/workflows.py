@@ -28,8 +28,8 @@ from infopt.formats.safetensors_io import ShardedWriter, check_safetensors, iter
 from infopt.models import llama2c
 from infopt.models.adapters import adapter_for
 from infopt.models.loading import ModelDir, load_causal_lm, load_state_dict, load_tokenizer, open_model, text_config
-from infopt.paths import (atomic_output_dir, atomic_output_files, check_output_target, inputs_overlap,
-                          keep_for_resume, release_for_resume)
+from infopt.paths import (atomic_output_dir, atomic_output_files, check_file_outputs, check_output_target,
+                          inputs_overlap, keep_for_resume, release_for_resume)
 from infopt.models.streaming import LayerStream
 from infopt.quant.driver import LayerResult, iter_results, load_part, part_path, prepare_work_dir, run_layers
 from infopt.quant.methods import FOUR_BIT, CalibratedRun, MethodConfig, config_values
@@ -60,7 +60,7 @@ def convert_llama2c(src: Path, tokenizer: Path | None, out: Path, force: bool = 
 
 
 def convert_gguf(src: str, out: Path, *, gguf_type: str | None = None, force: bool = False, dry_run: bool = False,
-                 allow_pickle: bool = False) -> dict:
+                 allow_pickle: bool = False, split_max_bytes: int | None = None) -> dict:
     """Between GGUF and the folder formats: a checkpoint folder (full precision, compressed-tensors, GPTQ, AWQ)
     -> FILE.gguf, with every quantized linear whose grid a ggml block holds written without re-rounding; a GGUF
     file -> a Hugging Face folder of dequantized safetensors with its embedded tokenizer."""
@@ -68,12 +68,13 @@ def convert_gguf(src: str, out: Path, *, gguf_type: str | None = None, force: bo
 
     model = open_model(src, allow_pickle)
     if model.quant_method == gguf.QUANT_METHOD:
-        if gguf_type is not None:
-            raise InfoptError("--gguf-type applies when writing GGUF; this converts a GGUF file to a folder")
+        if gguf_type is not None or split_max_bytes is not None:
+            raise InfoptError("--gguf-type and --split-max-size apply when writing GGUF; this converts a GGUF file "
+                              "to a folder")
         return _gguf_to_folder(model, out, force, dry_run)
     if not dry_run:
-        check_output_target(out, force)
-        if inputs_overlap(out, [model.path]):
+        check_file_outputs(out, [out.name + ".md"], force)
+        if inputs_overlap(out, [model.path, *model.files]):
             raise InfoptError(f"--out {out} overlaps the source {model.path}; write somewhere else")
     adapter = adapter_for(text_config(model.config))
     if adapter.gguf is None:
@@ -104,14 +105,16 @@ def convert_gguf(src: str, out: Path, *, gguf_type: str | None = None, force: bo
         raise InfoptError(f"--out {out}: a GGUF output is one file, named *.gguf")
     name = out.name.removesuffix(".gguf")
     settings = {"converted from": model.quant_method or "full precision", "format": "gguf", "gguf type": file_type}
-    with atomic_output_files(out, [out.name + ".md"], force) as tmp:
+    with atomic_output_files(out, [out.name + ".md"], force, split=split_max_bytes is not None) as tmp:
         written = gguf.write_model(tmp / out.name, items(), config=model.config, adapter=adapter,
-                                   tokenizer_dir=model.path, file_type=file_type, name=name, provenance=settings)
-        report.update(tensors=written.tensors, exact=written.count("exact"))
+                                   tokenizer_dir=model.path, file_type=file_type, name=name, provenance=settings,
+                                   max_shard_bytes=split_max_bytes)
+        report.update(tensors=written.tensors, exact=written.count("exact"), files=written.files)
         settings["stored exactly"] = f"{report['exact']} of {len(quantized)} quantized linears"
         artifact.write_model_card(tmp, {"name": name, "source": Path(src).name if Path(src).exists() else src,
                                         "settings": settings, "loader": "gguf"}, out.name + ".md")
-    report["output_bytes"] = out.stat().st_size
+    report["output_bytes"] = sum((out.parent / name).stat().st_size for name in written.files)
+    report["out"] = str(out.parent / written.files[0])  # a split model is loaded from its first shard
     return report
 
 
@@ -126,7 +129,7 @@ def _gguf_to_folder(model: ModelDir, out: Path, force: bool, dry_run: bool) -> d
               "note": "every tensor dequantized to float32 (exact values of the file's grid)"}
     if dry_run:
         return report
-    if inputs_overlap(out, [model.path]):
+    if inputs_overlap(out, [model.path, *model.files]):
         raise InfoptError(f"--out {out} overlaps the source {model.path}; write somewhere else")
     raw_tokenizer = header.metadata.get("tokenizer.huggingface.json")
     state = read_dense_state_dict(model.files, model.config)
@@ -215,6 +218,7 @@ class QuantizeRequest:
     force: bool = False
     dry_run: bool = False
     max_shard_bytes: int = 5 * 10**9
+    split_max_bytes: int | None = None  # --format gguf: llama.cpp's split files of at most this much tensor data
     allow_pickle: bool = False
     calibration: CalibrationData | None = None  # calibrated methods only
     recovery: RecoveryConfig | None = None  # block-wise recovery on top of the method (makes the run calibrated)
@@ -489,10 +493,16 @@ def _quantize(req: QuantizeRequest, progress: Progress | None) -> dict:
         raise InfoptError(f"--out {req.out}: a GGUF output is one file, named *.gguf")
     if req.gguf_type is not None and not fmt.single_file:
         raise InfoptError("--gguf-type applies to --format gguf only")
+    if req.split_max_bytes is not None and not fmt.single_file:
+        raise InfoptError("--split-max-size splits a GGUF file (--format gguf); --max-shard-size sizes safetensors "
+                          "shards")
     if req.out is not None and not req.dry_run:
-        check_output_target(req.out, req.force)
+        if gguf_type is not None:
+            check_file_outputs(req.out, [req.out.name + ".md"], req.force)
+        else:
+            check_output_target(req.out, req.force)
     model = open_model(req.model, req.allow_pickle)
-    if req.out is not None and not req.dry_run and inputs_overlap(req.out, [model.path]):
+    if req.out is not None and not req.dry_run and inputs_overlap(req.out, [model.path, *model.files]):
         raise InfoptError(f"--out {req.out} overlaps the source model {model.path}; write somewhere else")
     plan = plan_quantization(req, model)
     if k_grid:
@@ -556,8 +566,11 @@ def _quantize(req: QuantizeRequest, progress: Progress | None) -> dict:
     if gguf_type is not None:
         _write_gguf(req, model, adapter, gguf_type, items, report, progress, imatrix)
         _finish_work_dir(work_dir)
-        report.update({"out": str(req.out), "seconds": time.perf_counter() - start, "errors": errors,
-                       "output_bytes": req.out.stat().st_size})
+        # a split model is loaded from its first shard
+        report.update({"out": str(req.out.parent / report["files"][0]), "seconds": time.perf_counter() - start,
+                       "errors": errors,
+                       "output_bytes": sum((req.out.parent / name).stat().st_size for name in report["files"]
+                                           if name.endswith(".gguf"))})
         return report
     with atomic_output_dir(req.out, req.force) as tmp:
         files, specs, dense = _write_weights_and_config(tmp, model, fmt, items, [e.module for e in plan.skipped],
@@ -688,16 +701,19 @@ def _write_gguf(req: QuantizeRequest, model: ModelDir, adapter, file_type: str, 
     if "recovery" in report:
         settings["recovery"] = _recovery_setting(report["recovery"])
     name = req.name or req.out.name.removesuffix(".gguf")
-    with atomic_output_files(req.out, [req.out.name + ".md"], req.force) as tmp:
+    split = req.split_max_bytes is not None
+    with atomic_output_files(req.out, [req.out.name + ".md"], req.force, split=split) as tmp:
         written = gguf.write_model(tmp / req.out.name, items, config=model.config, adapter=adapter,
                                    tokenizer_dir=model.path, file_type=file_type, name=name,
                                    provenance={**settings, "options": config_values(req.config)},
-                                   imatrix=imatrix)
+                                   imatrix=imatrix, max_shard_bytes=req.split_max_bytes)
+        if split:
+            settings["split"] = f"{len(written.files)} files (llama.cpp's split naming; load the first)"
         metrics = {}
         if req.evaluation is not None:
             session = req.eval_session or EvalSession(model)
             e = req.evaluation
-            metrics = {dataset: session.score(tmp / req.out.name, dataset, e.seq_len, e.stride, e.max_windows,
+            metrics = {dataset: session.score(tmp / written.files[0], dataset, e.seq_len, e.stride, e.max_windows,
                                               e.text_field, progress) for dataset in e.datasets}
             report["eval"] = metrics
         if req.gates is not None:
@@ -714,7 +730,7 @@ def _write_gguf(req: QuantizeRequest, model: ModelDir, adapter, file_type: str, 
                                         "skipped": [s["module"] for s in report["skipped"]],
                                         "metrics": _card_metrics(metrics), "loader": "gguf",
                                         "recovery": report.get("recovery", {}).get("layers")}, req.out.name + ".md")
-    report["files"] = [req.out.name, req.out.name + ".md"]
+    report["files"] = [*written.files, req.out.name + ".md"]
 
 
 def _recovery_setting(recovery: dict) -> str:

@@ -559,3 +559,63 @@ def test_k_grid_results_survive_the_work_folder(tmp_path):
     save_part(tmp_path / "p.safetensors", LayerResult(quantized={"m": weight}))
     back = load_part(tmp_path / "p.safetensors").quantized["m"]
     assert back.dequantize().equal(weight.dequantize()) and back.sc.equal(weight.sc) and back.d.equal(weight.d)
+
+
+def test_split_max_size_writes_llama_cpps_shards(wide_llama, tmp_path):
+    """--split-max-size writes gguf-split's files: NAME-0000k-of-0000N.gguf, each a whole GGUF file with split.no /
+    split.count / split.tensors.count and at most the size in tensor data, the first holding all metadata; the
+    shards hold the unsplit file's tensors byte for byte, and llama.cpp and infopt load the model from the first."""
+    whole = _quantize(wide_llama, tmp_path / "whole.gguf", "--gguf-type", "Q4_K_M")
+    _quantize(wide_llama, tmp_path / "m.gguf", "--gguf-type", "Q4_K_M", "--split-max-size", "1M")
+    shards = sorted(tmp_path.glob("m-*.gguf"))
+    count = len(shards)
+    assert count >= 3 and [p.name for p in shards] == [f"m-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+    assert not (tmp_path / "m.gguf").exists() and (tmp_path / "m.gguf.md").is_file()
+    reference = {t.name: bytes(t.data.tobytes()) for t in gguf.GGUFReader(str(whole)).tensors}
+    seen = {}
+    for index, path in enumerate(shards):
+        reader = gguf.GGUFReader(str(path))
+        fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+        assert (fields["split.no"], fields["split.count"], fields["split.tensors.count"]) == (index, count,
+                                                                                              len(reference))
+        assert ("general.architecture" in fields) == (index == 0)
+        sizes = [t.n_bytes + (-t.n_bytes % 32) for t in reader.tensors]
+        assert len(sizes) == 1 or sum(sizes) <= 10**6
+        seen.update({t.name: bytes(t.data.tobytes()) for t in reader.tensors})
+    assert seen == reference
+    tokens = [1, 403, 407, 261, 378, 426, 346]
+    assert np.array_equal(_our_logits(shards[0], tokens), _our_logits(whole, tokens))
+    assert np.abs(_llama_cpp_logits(shards[0], tokens) - _llama_cpp_logits(whole, tokens)).max() < 1e-4
+    done = run_cli("inspect", str(shards[0]), "--json")  # the config from the first shard's header
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["parameters"] == json.loads(run_cli("inspect", str(wide_llama), "--json").stdout)[
+        "parameters"]
+
+
+def test_split_files_are_checked_and_replaced_only_whole(wide_llama, tmp_path):
+    _quantize(wide_llama, tmp_path / "m.gguf", "--gguf-type", "Q8_0", "--split-max-size", "2M")
+    shards = sorted(tmp_path.glob("m-*.gguf"))
+    assert len(shards) >= 3
+    done = run_cli("eval", str(shards[1]), "--dataset", "tinystories", "--max-windows", "1")
+    assert done.returncode == 2 and f"open its first shard, {shards[0].name}" in done.stderr
+    done = run_cli("quantize", str(wide_llama), "--format", "gguf", "--out", str(tmp_path / "m.gguf"),
+                   "--split-max-size", "2M")
+    assert done.returncode == 2 and "already exists" in done.stderr  # no --force, nothing touched
+    moved = shards[-1].rename(tmp_path / "aside.bin")
+    done = run_cli("run", str(shards[0]), "--prompt", "a", "--max-new-tokens", "2")
+    assert done.returncode == 2 and f"{shards[-1].name}, is missing" in done.stderr and "Traceback" not in done.stderr
+    moved.rename(shards[-1])
+    # --force with fewer, larger shards: every earlier shard goes, none of the old set is left to mix in
+    _quantize(wide_llama, tmp_path / "m.gguf", "--gguf-type", "Q8_0", "--split-max-size", "4M", "--force")
+    now = sorted(p.name for p in tmp_path.glob("m-*.gguf"))
+    assert 1 < len(now) < len(shards) and all(name.endswith(f"-of-{len(now):05d}.gguf") for name in now)
+    # an unsplit file under the same name replaces them too
+    _quantize(wide_llama, tmp_path / "m.gguf", "--gguf-type", "Q8_0", "--force")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.md"]
+    foreign = tmp_path / "m-00001-of-00002.gguf"
+    _tiny_file(foreign)
+    done = run_cli("quantize", str(wide_llama), "--format", "gguf", "--out", str(tmp_path / "m.gguf"), "--force",
+                   "--split-max-size", "2M")
+    assert done.returncode == 2 and "not a GGUF file infopt wrote" in done.stderr and foreign.is_file()
+    done = run_cli("quantize", str(wide_llama), "--out", str(tmp_path / "folder"), "--split-max-size", "2M")
+    assert done.returncode == 2 and "--split-max-size splits a GGUF file" in done.stderr

@@ -22,6 +22,9 @@ app.add_typer(convert_app, name="convert")
 
 # Options shared by every command that loads a model.
 ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights, which can run code when loaded.")
+SPLIT_MAX_SIZE = typer.Option(None, "--split-max-size", help="With a GGUF output: llama.cpp's split files "
+                              "(FILE-00001-of-0000N.gguf; llama.cpp and infopt load the first) of at most this much "
+                              "tensor data each, as gguf-split --split-max-size (e.g. 2G, 500M, 4GB).")
 TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="Run custom model code from the model folder.")
 DTYPE = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16 or float16.")
 VLLM_PANEL = "vLLM (--engine vllm)"
@@ -85,13 +88,16 @@ def convert_gguf(
                                             "full-precision source)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say, for each tensor, whether it converts exactly."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier infopt output."),
+    split_max_size: Optional[str] = SPLIT_MAX_SIZE,
     allow_pickle: bool = ALLOW_PICKLE,
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Convert between GGUF and the folder formats, without re-quantizing where the layout allows it."""
+    from infopt.formats.safetensors_io import parse_size
     from infopt.workflows import convert_gguf as run
 
-    result = run(src, out, gguf_type=gguf_type, force=force, dry_run=dry_run, allow_pickle=allow_pickle)
+    result = run(src, out, gguf_type=gguf_type, force=force, dry_run=dry_run, allow_pickle=allow_pickle,
+                 split_max_bytes=None if split_max_size is None else parse_size(split_max_size))
     if json_out:
         print_json(result)
         return
@@ -148,6 +154,7 @@ def _quantize(
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder (and any unfinished run)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
+    split_max_size: Optional[str] = SPLIT_MAX_SIZE,
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text for calibrated methods: wikitext2, tinystories, a .txt/.jsonl/.parquet file or hf:NAME[:CONFIG][:SPLIT]."),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Number of calibration windows (default 128)."),
     calib_seq_len: Optional[int] = typer.Option(None, "--calib-seq-len", help="Tokens per window (default 2048, capped at the model's context)."),
@@ -189,7 +196,8 @@ def _quantize(
             raise InfoptError("--recipe gives the model and every method option; drop --recover and its options "
                               "(a recipe artifact takes a recover: section)")
         given = {"model": model, "method": method, "ignore": ignore, "override": override,
-                 "include_lm_head": include_lm_head, "fmt": fmt, "gguf_type": gguf_type, "max_shard_size": max_shard_size, "calib": calib,
+                 "include_lm_head": include_lm_head, "fmt": fmt, "gguf_type": gguf_type,
+                 "max_shard_size": max_shard_size, "split_max_size": split_max_size, "calib": calib,
                  "calib_samples": calib_samples, "calib_seq_len": calib_seq_len, "seed": seed,
                  "text_field": text_field, "eval_dataset": eval_dataset, "eval_max_windows": eval_max_windows,
                  "allow_pickle": allow_pickle, "allow_non_finite": allow_non_finite}
@@ -243,6 +251,7 @@ def _quantize(
                               recovery=recovery, ignore=list(ignore),
                               overrides=list(override), include_lm_head=include_lm_head, force=force, dry_run=dry_run,
                               max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle,
+                              split_max_bytes=None if split_max_size is None else parse_size(split_max_size),
                               calibration=calibration, evaluation=evaluation, resume=resume,
                               allow_non_finite=allow_non_finite, threads=threads)
     if not dry_run and out is None:
@@ -273,7 +282,7 @@ def _recipe_request(recipe: Path, out: Optional[Path], force: bool, dry_run: boo
 
     defaults = {"model": None, "method": None, "ignore": [], "override": [], "include_lm_head": False, "fmt": None,
                 "gguf_type": None,
-                "max_shard_size": "5GB", "calib": None, "calib_samples": None, "calib_seq_len": None, "seed": None,
+                "max_shard_size": "5GB", "split_max_size": None, "calib": None, "calib_samples": None, "calib_seq_len": None, "seed": None,
                 "text_field": None, "eval_dataset": None, "eval_max_windows": None, "allow_pickle": False,
                 "allow_non_finite": False}
     from infopt.cli.method_options import FLAGS

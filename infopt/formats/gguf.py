@@ -294,6 +294,7 @@ def model_metadata(arch: str, text: dict) -> tuple[dict, dict[str, torch.Tensor]
 @dataclass
 class WriteReport:
     tensors: list[dict] = field(default_factory=list)  # name, type, shape, how ("exact", "quantized", ...)
+    files: list[str] = field(default_factory=list)  # the file names written (the shards of a split model, in order)
 
     def count(self, how: str) -> int:
         return sum(1 for t in self.tensors if t["how"] == how)
@@ -363,10 +364,11 @@ def _placed(items, adapter, names: "_Names", tied: bool):
 
 
 def write_model(path: Path, items: Iterable[tuple[str, object]], *, config: dict, adapter, tokenizer_dir: Path,
-                file_type: str, name: str, provenance: dict, imatrix: dict[str, torch.Tensor] | None = None
-                ) -> WriteReport:
+                file_type: str, name: str, provenance: dict, imatrix: dict[str, torch.Tensor] | None = None,
+                max_shard_bytes: int | None = None) -> WriteReport:
     """Write a whole model as one GGUF file; items are (Hugging Face tensor name, tensor or QuantizedWeight) in any
-    order, as the quantize workflow streams them."""
+    order, as the quantize workflow streams them. With max_shard_bytes: llama.cpp's split files beside `path`
+    instead (gguf_container.GGUFWriter)."""
     from infopt import __version__
     from infopt.models.loading import text_config
 
@@ -377,7 +379,7 @@ def write_model(path: Path, items: Iterable[tuple[str, object]], *, config: dict
     names = _Names.build(adapter, text)
     layers = int(text["num_hidden_layers"])
     tied = bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
-    writer = GGUFWriter(path)
+    writer = GGUFWriter(path, max_shard_bytes=max_shard_bytes)
     report = WriteReport()
     try:
         writer.add("general.architecture", string(arch))
@@ -400,6 +402,7 @@ def write_model(path: Path, items: Iterable[tuple[str, object]], *, config: dict
             _add(writer, report, gguf_name, value, file_type, layer, layers, tied,
                  None if imatrix is None else imatrix.get(hf_name))
         writer.close()
+        report.files = [p.name for p in writer.paths]
     except BaseException:
         writer.abort()
         raise

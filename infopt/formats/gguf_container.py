@@ -9,7 +9,9 @@ before it is used: sizes, counts, types, offsets, overlaps.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -90,6 +92,7 @@ class TensorInfo:
     type: str  # ggml type name
     offset: int  # from the start of the data section
     nbytes: int
+    shard: int = 0  # which file of a split model holds it (GGUFFile.shards)
 
 
 # --- writing -------------------------------------------------------------------------------------------------
@@ -114,18 +117,58 @@ def _value_bytes(value: Typed) -> bytes:
     return struct.pack(_SCALAR[value.type], value.value)
 
 
+def u16(v: int) -> Typed:
+    return Typed(ValueType.UINT16, int(v))
+
+
+def i32(v: int) -> Typed:
+    return Typed(ValueType.INT32, int(v))
+
+
+# llama.cpp's split files (gguf-split; src/llama.cpp llama_split_path and llama-model-loader.cpp): shard k of n is
+# PREFIX-{k:05d}-of-{n:05d}.gguf, k from 1; every shard is a whole GGUF file holding some of the tensors, with the
+# keys split.no (u16, from 0), split.count (u16) and split.tensors.count (i32, the tensors of all shards); the first
+# shard holds all the other metadata, and llama.cpp loads the model from it.
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = "split.no", "split.count", "split.tensors.count"
+SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_name(prefix: str, index: int, count: int) -> str:
+    """The file name of shard `index` (from 0) of `count`."""
+    return f"{prefix}-{index + 1:05d}-of-{count:05d}.gguf"
+
+
+@dataclass
+class _Shard:
+    staging_path: Path
+    staging: BinaryIO
+    tensors: list[TensorInfo]
+
+
 class GGUFWriter:
     """Streams tensors into a staging file beside the target, then writes header + data in one pass on close.
-    Peak memory is one tensor."""
+    Peak memory is one tensor. With max_shard_bytes, the tensors go into llama.cpp's split files instead
+    (TARGET-00001-of-0000N.gguf beside the target, with TARGET the target's name less ".gguf"): a shard is closed
+    when the next tensor's data would take it past max_shard_bytes (a soft limit, counting tensor data as
+    gguf-split does; a larger tensor gets a shard of its own)."""
 
-    def __init__(self, path: Path, alignment: int = DEFAULT_ALIGNMENT):
+    def __init__(self, path: Path, alignment: int = DEFAULT_ALIGNMENT, max_shard_bytes: int | None = None):
         self.path = path
         self.alignment = alignment
+        self.max_shard_bytes = max_shard_bytes
         self.metadata: dict[str, Typed] = {}
-        self.tensors: list[TensorInfo] = []
-        self._staging_path = path.with_name(path.name + ".data")
-        self._staging: BinaryIO = open(self._staging_path, "wb")
+        self._shards: list[_Shard] = []
         self._names: set[str] = set()
+        self.paths: list[Path] = []  # the files written, once closed
+        self._open_shard()
+
+    @property
+    def tensors(self) -> list[TensorInfo]:
+        return [info for shard in self._shards for info in shard.tensors]
+
+    def _open_shard(self) -> None:
+        staging_path = self.path.with_name(f"{self.path.name}.{len(self._shards)}.data")
+        self._shards.append(_Shard(staging_path, open(staging_path, "wb"), []))
 
     def add(self, key: str, value: Typed) -> None:
         self.metadata[key] = value
@@ -135,33 +178,56 @@ class GGUFWriter:
             raise InfoptError(f"GGUF tensor {name} written twice")
         self._names.add(name)
         raw = memoryview(data.contiguous().view(torch.uint8).numpy().reshape(-1))  # written as it is, no copy
-        offset = self._staging.tell()
-        self._staging.write(raw)
-        self._staging.write(b"\0" * (-len(raw) % self.alignment))
-        self.tensors.append(TensorInfo(name, tuple(int(s) for s in shape), type_name, offset, len(raw)))
+        padded = len(raw) + (-len(raw) % self.alignment)
+        shard = self._shards[-1]
+        if (self.max_shard_bytes is not None and shard.tensors
+                and shard.staging.tell() + padded > self.max_shard_bytes):
+            self._open_shard()
+            shard = self._shards[-1]
+        offset = shard.staging.tell()
+        shard.staging.write(raw)
+        shard.staging.write(b"\0" * (padded - len(raw)))
+        shard.tensors.append(TensorInfo(name, tuple(int(s) for s in shape), type_name, offset, len(raw)))
 
-    def close(self) -> None:
-        self._staging.close()
-        if self.alignment != DEFAULT_ALIGNMENT:
-            self.metadata["general.alignment"] = u32(self.alignment)
-        header = bytearray(MAGIC + struct.pack("<IQQ", VERSION, len(self.tensors), len(self.metadata)))
-        for key, value in self.metadata.items():
+    def _header(self, metadata: dict[str, Typed], tensors: list[TensorInfo]) -> bytes:
+        header = bytearray(MAGIC + struct.pack("<IQQ", VERSION, len(tensors), len(metadata)))
+        for key, value in metadata.items():
             header += _string_bytes(key) + struct.pack("<I", int(value.type)) + _value_bytes(value)
-        for info in self.tensors:
+        for info in tensors:
             dims = tuple(reversed(info.shape))  # GGUF lists the innermost dimension first
             header += _string_bytes(info.name) + struct.pack(f"<I{len(dims)}Q", len(dims), *dims)
             header += struct.pack("<IQ", TYPES[info.type].id, info.offset)
         header += b"\0" * (-len(header) % self.alignment)
-        with open(self.path, "wb") as out:
-            out.write(header)
-            append_file(self._staging_path, out)
-            out.flush()
-            os.fsync(out.fileno())
-        self._staging_path.unlink()
+        return bytes(header)
+
+    def close(self) -> None:
+        for shard in self._shards:
+            shard.staging.close()
+        if self.alignment != DEFAULT_ALIGNMENT:
+            self.metadata["general.alignment"] = u32(self.alignment)
+        count = len(self._shards)
+        if self.max_shard_bytes is None:
+            outputs = [(self.path, self.metadata)]
+        else:
+            prefix = self.path.name.removesuffix(".gguf")
+            split = {SPLIT_COUNT: u16(count), SPLIT_TENSORS: i32(len(self.tensors))}
+            # later shards: the split keys, the alignment, and who wrote them (--force checks every file it replaces)
+            rest = {k: v for k, v in self.metadata.items() if k in ("general.alignment", "general.quantized_by")}
+            outputs = [(self.path.with_name(split_name(prefix, i, count)),
+                        {**(self.metadata if i == 0 else rest), SPLIT_NO: u16(i), **split}) for i in range(count)]
+        for (path, metadata), shard in zip(outputs, self._shards):
+            with open(path, "wb") as out:
+                out.write(self._header(metadata, shard.tensors))
+                append_file(shard.staging_path, out)
+                out.flush()
+                os.fsync(out.fileno())
+            shard.staging_path.unlink()
+            self.paths.append(path)
 
     def abort(self) -> None:
-        self._staging.close()
-        self._staging_path.unlink(missing_ok=True)
+        for shard in self._shards:
+            shard.staging.close()
+            shard.staging_path.unlink(missing_ok=True)
 
 
 # --- reading -------------------------------------------------------------------------------------------------
@@ -231,19 +297,84 @@ class GGUFFile:
     metadata: dict[str, Any]
     tensors: dict[str, TensorInfo]
     data_offset: int
+    shards: list[tuple[Path, int]] | None = None  # a split model: each file and the start of its data section
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every file of the model (the shards of a split model, in order)."""
+        return [path for path, _ in self.shards] if self.shards else [self.path]
 
     def tensor_bytes(self, info: TensorInfo) -> torch.Tensor:
         """The raw bytes of one tensor (uint8)."""
-        with open(self.path, "rb") as handle:
-            handle.seek(self.data_offset + info.offset)
+        path, data_offset = self.shards[info.shard] if self.shards else (self.path, self.data_offset)
+        with open(path, "rb") as handle:
+            handle.seek(data_offset + info.offset)
             raw = handle.read(info.nbytes)
         if len(raw) != info.nbytes:
-            raise InfoptError(f"{self.path}: tensor {info.name} is cut short (the file changed while read)")
+            raise InfoptError(f"{path}: tensor {info.name} is cut short (the file changed while read)")
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
 def read_header(path: Path) -> GGUFFile:
-    """Parse and check a GGUF file's header; tensor data is read later, on demand."""
+    """Parse and check a GGUF model's header: one file, or, from the first shard of a split model, every shard
+    (the first's metadata, all shards' tensors). Tensor data is read later, on demand."""
+    first = read_file_header(path)
+    count = first.metadata.get(SPLIT_COUNT)
+    if count is None:
+        return first
+    number = first.metadata.get(SPLIT_NO)
+    total = first.metadata.get(SPLIT_TENSORS)
+    for key, value in ((SPLIT_COUNT, count), (SPLIT_NO, number), (SPLIT_TENSORS, total)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InfoptError(f"{path}: a split GGUF file needs an integer {key}, it has {value!r}")
+    if number != 0:
+        prefix = _split_prefix(path)
+        first_name = split_name(prefix, 0, count) if prefix else "its first shard"
+        raise InfoptError(f"{path} is shard {number + 1} of {count} of a split model; open its first shard, "
+                          f"{first_name}")
+    if count < 1:
+        raise InfoptError(f"{path}: split.count is 0")
+    if count == 1:
+        return _check_split_total(first, total)
+    prefix = _split_prefix(path, count)
+    if prefix is None:
+        raise InfoptError(f"{path}: the first shard of a {count}-file split model is named PREFIX-00001-of-"
+                          f"{count:05d}.gguf, which is how llama.cpp and infopt find the others")
+    shards, tensors = [(first.path, first.data_offset)], dict(first.tensors)
+    for index in range(1, count):
+        shard_path = path.with_name(split_name(prefix, index, count))
+        if not shard_path.is_file():
+            raise InfoptError(f"{path}: shard {index + 1} of {count}, {shard_path.name}, is missing")
+        shard = read_file_header(shard_path)
+        if (shard.metadata.get(SPLIT_NO), shard.metadata.get(SPLIT_COUNT)) != (index, count):
+            raise InfoptError(f"{shard_path}: its split.no / split.count say shard "
+                              f"{shard.metadata.get(SPLIT_NO)!r} of {shard.metadata.get(SPLIT_COUNT)!r}, "
+                              f"not {index} of {count}")
+        for name, info in shard.tensors.items():
+            if name in tensors:
+                raise InfoptError(f"{shard_path}: tensor {name[:60]!r} is in two shards")
+            tensors[name] = dataclasses.replace(info, shard=index)
+        shards.append((shard.path, shard.data_offset))
+    merged = GGUFFile(first.path, first.version, first.metadata, tensors, first.data_offset, shards)
+    return _check_split_total(merged, total)
+
+
+def _split_prefix(path: Path, count: int | None = None) -> str | None:
+    match = SPLIT_NAME.match(path.name)
+    if match is None or (count is not None and (int(match["no"]), int(match["count"])) != (1, count)):
+        return None
+    return match["prefix"]
+
+
+def _check_split_total(model: GGUFFile, total: int) -> GGUFFile:
+    if total != len(model.tensors):
+        raise InfoptError(f"{model.path}: split.tensors.count says {total} tensors, the shards hold "
+                          f"{len(model.tensors)}")
+    return model
+
+
+def read_file_header(path: Path) -> GGUFFile:
+    """Parse and check one GGUF file's header (a split model's shard on its own)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:

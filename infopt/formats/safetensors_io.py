@@ -299,7 +299,9 @@ def write_items(writer: ShardedWriter, items, kind: type, module_tensors, scheme
 
 
 def parse_size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    # K/M/G alone as gguf-split reads them (decimal: M = 1000 * 1000 bytes)
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1,
+             "K": 10**3, "M": 10**6, "G": 10**9}
     upper = text.strip().upper()
     for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
         if upper.endswith(unit):

@@ -86,9 +86,11 @@ def open_model(spec: str, allow_pickle: bool = False) -> ModelDir:
     path = locate(spec, allow_pickle=allow_pickle)
     if path.is_file() and is_gguf(path):
         from infopt.formats.gguf import model_config
+        from infopt.formats.gguf_container import read_header
 
-        config = check_model_config(model_config(path), str(path))
-        return ModelDir(path, config, [path])
+        header = read_header(path)  # a split model's shards too, from its first
+        config = check_model_config(model_config(path, header), str(path))
+        return ModelDir(path, config, header.paths)
     if not path.is_dir():
         raise InfoptError(f"{path} is not a model directory (expected a folder with config.json)")
     if not (path / "config.json").is_file():
@@ -167,6 +169,10 @@ def _same_tensors(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[i
 def load_config_only(spec: str) -> dict:
     """config.json of a folder, a config file, or a hub id, without touching weights."""
     path = locate(spec, config_only=True)
+    if path.is_file() and is_gguf(path):  # a GGUF file's config, from its header (a split model's first shard)
+        from infopt.formats.gguf import model_config
+
+        return check_model_config(model_config(path), str(path))
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():

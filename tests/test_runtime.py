@@ -193,6 +193,10 @@ def test_gguf_block_types_run_packed_with_the_files_exact_weights(gguf_files, na
     model = load_engine_model(model_dir, backend="ext")
     packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert sum(m.out_features for m in packed) >= 2 * 2048 and all(m.packed is not None and not m.note for m in packed)
+    # a mixture's q/k/v of two layouts (Q6_K attn_v beside Q4_K q/k) stays in the fused C++ step, one product each
+    assert model.plan is not None
+    if name.endswith("_K_M"):
+        assert any(layer.self_attn.qkv.fused is None for layer in model.layers)
     for m in packed:  # each weight the kernels form is the file's value, bit for bit
         rows = ops.kernel_dequantize(m.packed, 0, m.out_features)
         assert torch.equal(rows, ops.torch_dequantize(m.packed, 0, m.out_features))

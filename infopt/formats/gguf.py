@@ -57,7 +57,7 @@ def grid_spec(file_type: str, group_size: int, grids: tuple[str, ...] = ()) -> Q
     if file_type in K_GRID_TYPES and "Q4_K" in grids:
         return QuantSpec(4, 32, False)
     if file_type not in GRID_TYPES:
-        which = "Q4_K_S, Q4_K_M with --method gptq, " if file_type in K_GRID_TYPES else ""
+        which = "Q4_K_S, Q4_K_M with --method gptq or awq, " if file_type in K_GRID_TYPES else ""
         raise InfoptError(f"calibrated methods write GGUF as {which}{', '.join(GRID_TYPES)} (their grid stored "
                           f"exactly); {file_type} is written from full precision: use --method rtn (optionally with "
                           "--calib for an importance matrix)")

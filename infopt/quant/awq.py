@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from infopt.quant import kgrid
 from infopt.quant.driver import LayerContext, LayerResult
 from infopt.quant.methods import INTEGER, CalibratedRun, IntegerScheme, Method, option
 from infopt.quant.rtn import compute_qparams, quantize_codes, quantize_rtn
@@ -96,6 +97,8 @@ class AWQConfig(CalibratedRun, IntegerScheme):
 
 
 def fake_quantize(weight: torch.Tensor, spec: QuantSpec, storage: Storage) -> torch.Tensor:
+    if storage.grid is not None:  # GGUF's K-quant grid: the scaled weight rounded as the file will hold it
+        return kgrid.round_to_grid(weight.float()).dequantize().to(weight.device, weight.dtype)
     return quantize_rtn(weight, spec, storage).dequantize().to(weight.dtype)
 
 
@@ -261,8 +264,11 @@ class AWQMethod:
             best_max = torch.where(better, hi, best_max)
         return best_min, best_max
 
-    def _quantize(self, weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, clip: bool) -> QuantizedWeight:
+    def _quantize(self, weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec,
+                  clip: bool) -> QuantizedWeight | kgrid.KGridWeight:
         out_f, in_f = weight.shape
+        if self.storage.grid is not None:  # the K grid's fit searches each sub-block's range itself (no clipping)
+            return kgrid.round_to_grid(weight.float())
         if clip:
             wmin, wmax = self._clip_range(weight, x, spec)
         else:
@@ -319,7 +325,7 @@ class AWQMethod:
             sampled, head = observed.sampled(), observed.head()
             for linear in group:
                 start = time.perf_counter()
-                clip = self.config.clip and not linear.name.endswith(NO_CLIP)
+                clip = self.config.clip and not linear.name.endswith(NO_CLIP) and self.storage.grid is None
                 weight = linear.module.weight.data
                 q = self._quantize(weight, sampled, linear.spec, clip)
                 ctx.set_quantized(linear, q)
@@ -353,4 +359,5 @@ class AWQMethod:
 
 METHOD = Method("awq", "AWQ (Lin et al. 2023): activation-aware channel scales and clipping, layer by layer",
                 AWQConfig, INTEGER, "compressed-tensors", calibrated=True,
-                factory=lambda config, storage, adapter: AWQMethod(adapter, config, storage), recoverable=True, bf16_forwards=True)
+                factory=lambda config, storage, adapter: AWQMethod(adapter, config, storage), recoverable=True, bf16_forwards=True,
+                grids=("Q4_K",))

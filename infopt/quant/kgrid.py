@@ -125,6 +125,17 @@ def fit(x: torch.Tensor, nmax: int = 15, imatrix: torch.Tensor | None = None):
     return super_scales(scale.reshape(-1, 8), minimum.reshape(-1, 8))
 
 
+def round_to_grid(x: torch.Tensor, nmax: int = 15) -> "KGridWeight":
+    """x [rows, cols] (cols a multiple of 256) rounded to its fitted K-quant grid, as the GGUF writer rounds it."""
+    rows, cols = x.shape
+    sc, mn, d, dmin = fit(x, nmax)
+    codes = grid_codes(x, d, dmin, sc, mn, nmax)
+    supers = cols // SUPER
+    return KGridWeight(codes.to(torch.uint8).cpu(), d.reshape(rows, supers).cpu(), dmin.reshape(rows, supers).cpu(),
+                       sc.reshape(rows, supers, 8).to(torch.uint8).cpu(), mn.reshape(rows, supers, 8).to(torch.uint8).cpu(),
+                       nmax)
+
+
 @dataclass
 class KGridWeight:
     """A weight on the K-quant grid: codes 0..nmax and the grid's stored scales, as the file holds them."""

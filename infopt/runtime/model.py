@@ -256,6 +256,19 @@ class Projections(nn.Module):
         return tuple(p(x) for p in self.parts)
 
 
+def _record(module: nn.Module):
+    return getattr(module, "kernel_record", lambda: None)()
+
+
+def _records(projections: Projections) -> list:
+    """decode_step's records of q/k/v or gate/up: the fused product's and empty slots, or each projection's."""
+    from infopt.runtime.kernels import NO_PRODUCT
+
+    if projections.fused is not None:
+        return [_record(projections.fused)] + [NO_PRODUCT] * (len(projections.sizes) - 1)
+    return [_record(p) for p in projections.parts]
+
+
 class Attention(nn.Module):
     """With `fused_ops`, rotary + KV write is one C++ op, and small steps attend over the cache blocks in place
     (kernels.paged_attention) instead of gathering them for SDPA."""
@@ -342,8 +355,9 @@ class EngineModel(nn.Module):
         return self.embed.device
 
     def decode_plan(self) -> tuple[list, list[int]] | None:
-        """The model as kernels.decode_step takes it, or None where a layer has no fused form (fused ops off, q/k/v
-        or gate/up not one product, a product only the Python path computes)."""
+        """The model as kernels.decode_step takes it, or None where a layer has no fused form (fused ops off, a
+        product only the Python path computes). q/k/v and gate/up are one record each with empty slots beside it
+        where they are one fused product, else one record per projection."""
         head = getattr(self.lm_head, "kernel_record", lambda: None)()
         if head is None or not self.norm.fused_ops:
             return None
@@ -352,10 +366,9 @@ class EngineModel(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             if not (attn.fused_ops and mlp.fused_ops and layer.post_attention_layernorm.fused_ops):
                 return None
-            if attn.qkv.fused is None or mlp.gate_up.fused is None or len(set(mlp.gate_up.sizes)) != 1:
+            if len(attn.qkv.sizes) != 3 or len(mlp.gate_up.sizes) != 2 or len(set(mlp.gate_up.sizes)) != 1:
                 return None
-            records = [getattr(m, "kernel_record", lambda: None)()
-                       for m in (attn.qkv.fused, attn.o_proj, mlp.gate_up.fused, mlp.down_proj)]
+            records = [*_records(attn.qkv), _record(attn.o_proj), *_records(mlp.gate_up), _record(mlp.down_proj)]
             if any(r is None for r in records):
                 return None
             norms = (layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm)

@@ -22,6 +22,7 @@
 // strides and indices before it reads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
 #include <c10/core/InferenceMode.h>
@@ -425,8 +426,11 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
 //   2 int8        the same without the table
 //   3 lut4 + int8 activations (AVX512-VNNI), as lut4 without the table
 //   4 float       a = a dense fp32 copy (QuantLinear's torch backend)
+//   5 none        no product: the slot of k, v or up when q/k/v or gate/up are one fused product
 // Packed products give fp32; the bias is added in fp32 and the sum rounded to x's dtype, as QuantLinear does.
-constexpr int64_t kLinearTensors = 6, kLinearInts = 3, kLinears = 4, kNormTensors = 4;
+// A layer's linears: q (or the fused q/k/v), k, v, o, gate (or the fused gate/up), up, down. Projections whose
+// layouts do not concatenate (a GGUF mixture's Q6_K attn_v beside Q4_K q/k) are computed one product each.
+constexpr int64_t kLinearTensors = 6, kLinearInts = 3, kLinears = 7, kNormTensors = 4, kNone = 5;
 constexpr int64_t kLayerTensors = kNormTensors + kLinears * kLinearTensors, kLayerInts = kLinears * kLinearInts;
 
 at::Tensor slot(const c10::List<std::optional<at::Tensor>>& t, int64_t i, const char* what) {
@@ -450,7 +454,7 @@ at::Tensor linear(const at::Tensor& x, const c10::List<std::optional<at::Tensor>
     case 2: y = infopt::int8_product(x, a, slot(t, base + 1, "scale"), c, p1, p2, e); break;
     case 3: y = infopt::lut4_a8_product(x, a, slot(t, base + 1, "scale"), c, p1, p2, e); break;
     case 4: y = at::linear(x.to(a.scalar_type()), a).to(at::kFloat); break;
-    default: TORCH_CHECK(false, "decode_step: unknown linear kind ", kind);
+    default: TORCH_CHECK(false, "decode_step: no product of linear kind ", kind);
   }
   if (bias.has_value()) y.add_(*bias);
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
@@ -482,8 +486,10 @@ at::Tensor decode_step(const at::Tensor& x, const c10::List<std::optional<at::Te
     const int64_t tb = l * kLayerTensors;
     const int64_t* li = ints.data() + l * kLayerInts;
     auto lin = [&](int64_t i) { return tb + kNormTensors + i * kLinearTensors; };
+    auto product = [&](const at::Tensor& in, int64_t i) { return linear(in, tensors, lin(i), li + i * kLinearInts); };
+    auto fused = [&](int64_t second) { return li[second * kLinearInts] == kNone; };
     const at::Tensor h = rms_norm(x, slot(tensors, tb, "input norm"), eps);
-    const at::Tensor qkv = linear(h, tensors, lin(0), li);
+    const at::Tensor qkv = fused(1) ? product(h, 0) : at::cat({product(h, 0), product(h, 1), product(h, 2)}, 1);
     TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == q_width + 2 * kv_width, "decode_step: q/k/v width mismatch");
     at::Tensor q = qkv.narrow(1, 0, q_width).view({tokens, num_heads, head_dim});
     at::Tensor k = qkv.narrow(1, q_width, kv_width).view({tokens, num_kv_heads, head_dim});
@@ -497,13 +503,20 @@ at::Tensor decode_step(const at::Tensor& x, const c10::List<std::optional<at::Te
     rotary_kv(q, k, v, cos, sin, token_pos.data_ptr<int64_t>(), key_caches[l], value_caches[l], slots);
     const at::Tensor attn = paged_attention(q, key_caches[l], value_caches[l], block_tables, token_seq, token_pos,
                                             scale, window);
-    const at::Tensor o = linear(attn.view({tokens, q_width}), tensors, lin(1), li + kLinearInts);
+    const at::Tensor o = product(attn.view({tokens, q_width}), 3);
     const at::Tensor h2 = add_rms_norm(x, o, slot(tensors, tb + 1, "post-attention norm"), eps);
-    const at::Tensor gate_up = linear(h2, tensors, lin(2), li + 2 * kLinearInts);
-    TORCH_CHECK(gate_up.size(1) % 2 == 0, "decode_step: gate/up must be two equal halves");
-    const int64_t inner = gate_up.size(1) / 2;
-    const at::Tensor act = silu_mul(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner));
-    x.add_(linear(act, tensors, lin(3), li + 3 * kLinearInts));
+    at::Tensor act;
+    if (fused(5)) {
+      const at::Tensor gate_up = product(h2, 4);
+      TORCH_CHECK(gate_up.size(1) % 2 == 0, "decode_step: gate/up must be two equal halves");
+      const int64_t inner = gate_up.size(1) / 2;
+      act = silu_mul(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner));
+    } else {
+      const at::Tensor gate = product(h2, 4), up = product(h2, 5);
+      TORCH_CHECK(gate.sizes() == up.sizes(), "decode_step: gate and up must be the same width");
+      act = silu_mul(gate, up);
+    }
+    x.add_(product(act, 6));
   }
   const int64_t head = layers * kLayerTensors;
   const at::Tensor last = logit_rows.has_value() ? x.index_select(0, *logit_rows) : x;

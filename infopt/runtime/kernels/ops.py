@@ -178,8 +178,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 # Linear kinds of decode_step's records (decode_ops.cpp): [a, b, c, d, e, bias] tensors and [kind, p1, p2] ints.
-LINEAR_DENSE, LINEAR_LUT4, LINEAR_INT8, LINEAR_LUT4_A8, LINEAR_FLOAT = range(5)
+LINEAR_DENSE, LINEAR_LUT4, LINEAR_INT8, LINEAR_LUT4_A8, LINEAR_FLOAT, LINEAR_NONE = range(6)
 LinearRecord = tuple[list, list[int]]
+NO_PRODUCT: LinearRecord = ([None] * 6, [LINEAR_NONE, 0, 0])  # k, v or up's slot beside a fused product
 
 
 def packed_record(w: PackedWeight, backend: str, bias: torch.Tensor | None) -> LinearRecord | None:

@@ -519,18 +519,25 @@ def wide_llama(stories_hf, tmp_path_factory):
         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4))
 
 
-def test_gptq_on_the_k_quant_grid_beats_rounding_to_it(wide_llama, tmp_path):
-    """GPTQ quantizes each Q4_K tensor on the very grid the file stores (6-bit sub-block scales under fp16
-    super-scales, fitted as it reaches each super-block); the mixture's Q6_K tensors are written from full
-    precision, as llama-quantize writes them. Closer to the source than the writer's own rounding, and llama.cpp
-    computes what infopt's reader computes."""
-    gptq_file = _quantize(wide_llama, tmp_path / "g.gguf", "--method", "gptq", "--calib", "tinystories",
+# KL to the source of a calibrated method's file on the Q4_K grid, as a fraction of the writer's own rounding. GPTQ must
+# beat it; AWQ only stay near it: a random model has no salient channels for its scales to protect (measured: KL
+# 0.00215 against 0.00198), while an unfolded or mis-stored scale would cost far more than the bound.
+K_GRID_KL_BOUND = {"gptq": 0.9, "awq": 1.5}
+
+
+@pytest.mark.parametrize("method", list(K_GRID_KL_BOUND))
+def test_calibrated_methods_on_the_k_quant_grid_store_what_they_optimized(wide_llama, tmp_path, method):
+    """GPTQ and AWQ quantize each Q4_K tensor on the very grid the file stores (6-bit sub-block scales under fp16
+    super-scales: GPTQ fits them as it reaches each super-block, AWQ scores its scale candidates with the scaled
+    weights rounded to them); the mixture's Q6_K tensors are written from full precision, as llama-quantize writes
+    them. The Q4_K tensors hold exactly the method's codes, and llama.cpp computes what infopt's reader computes."""
+    ours_file = _quantize(wide_llama, tmp_path / "m.gguf", "--method", method, "--calib", "tinystories",
                           "--calib-samples", "16", "--calib-seq-len", "128", "--gguf-type", "Q4_K_M")
     rtn_file = _quantize(wide_llama, tmp_path / "r.gguf", "--gguf-type", "Q4_K_M")
-    ours = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(gptq_file)).tensors}
+    ours = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(ours_file)).tensors}
     assert ours == {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(rtn_file)).tensors}  # the mixture
     assert ours["blk.0.attn_v.weight"] == "Q6_K" and ours["blk.1.attn_v.weight"] == "Q4_K"
-    card = (tmp_path / "g.gguf.md").read_text()
+    card = (tmp_path / "m.gguf.md").read_text()
     quantized_on_grid = sum(1 for n, t in ours.items() if t == "Q4_K" and n.startswith("blk."))
     assert f"stored exactly | {quantized_on_grid} of {quantized_on_grid}" in card
 
@@ -540,35 +547,9 @@ def test_gptq_on_the_k_quant_grid_beats_rounding_to_it(wide_llama, tmp_path):
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)["kl_mean"]
 
-    assert kl(gptq_file) < 0.9 * kl(rtn_file)
+    assert kl(ours_file) < K_GRID_KL_BOUND[method] * kl(rtn_file)
     tokens = [1, 403, 407, 261, 378, 426, 346]
-    theirs, mine = _llama_cpp_logits(gptq_file, tokens), _our_logits(gptq_file, tokens)
-    assert np.abs(theirs - mine).max() < 0.05 * np.abs(mine).max()
-
-
-def test_awq_on_the_k_quant_grid_writes_what_it_searched(wide_llama, tmp_path):
-    """AWQ scores its scale candidates with the scaled weights rounded to the Q4_K grid the file stores, and the
-    Q4_K tensors hold exactly those codes, which llama.cpp computes as infopt's reader does."""
-    awq_file = _quantize(wide_llama, tmp_path / "a.gguf", "--method", "awq", "--calib", "tinystories",
-                         "--calib-samples", "16", "--calib-seq-len", "128", "--gguf-type", "Q4_K_M")
-    rtn_file = _quantize(wide_llama, tmp_path / "r.gguf", "--gguf-type", "Q4_K_M")
-    ours = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(awq_file)).tensors}
-    assert ours == {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(rtn_file)).tensors}  # the mixture
-    card = (tmp_path / "a.gguf.md").read_text()
-    on_grid = sum(1 for n, t in ours.items() if t == "Q4_K" and n.startswith("blk."))
-    assert f"stored exactly | {on_grid} of {on_grid}" in card
-
-    def kl(path):
-        done = run_cli("eval", str(path), "--dataset", "tinystories", "--baseline", str(wide_llama),
-                       "--max-windows", "8", "--seq-len", "128", "--json")
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)["kl_mean"]
-
-    # a random model has no salient channels to protect, so the scales buy little here (measured: KL 0.00215 against
-    # 0.00198); an unfolded or mis-stored scale would cost far more than this bound
-    assert kl(awq_file) < 1.5 * kl(rtn_file)
-    tokens = [1, 403, 407, 261, 378, 426, 346]
-    theirs, mine = _llama_cpp_logits(awq_file, tokens), _our_logits(awq_file, tokens)
+    theirs, mine = _llama_cpp_logits(ours_file, tokens), _our_logits(ours_file, tokens)
     assert np.abs(theirs - mine).max() < 0.05 * np.abs(mine).max()
 
 

@@ -182,6 +182,9 @@ class GGUFWriter:
         shard = self._shards[-1]
         if (self.max_shard_bytes is not None and shard.tensors
                 and shard.staging.tell() + padded > self.max_shard_bytes):
+            if len(self._shards) == 0xFFFF:  # split.count is a u16
+                raise InfoptError(f"a split of at most {self.max_shard_bytes} bytes a file needs more than 65535 "
+                                  "files; give a larger --split-max-size")
             self._open_shard()
             shard = self._shards[-1]
         offset = shard.staging.tell()

@@ -2,10 +2,11 @@
 
     python benchmarks/run.py --only write
 
-The engines benchmark's synthetic 706M Llama (fp32 safetensors, 2.8 GB). infopt: the whole `infopt quantize`
+The engines benchmark's synthetic 706M Llama, as fp32 safetensors (2.8 GB) and as an fp16 copy (1.4 GB: the values
+llama.cpp's F16 GGUF of it holds, and the 16-bit form models are published in). infopt: the whole `infopt quantize`
 command (start, validate, read, round, pack, write) for GGUF Q8_0 / Q4_0 / Q4_K_M and for compressed-tensors int4
-g128 (RTN). llama.cpp: `llama_model_quantize` (what `llama-quantize` runs) called in-process on the F16 GGUF of the
-same model, so its time leaves out a process start and reads half the bytes. 2 threads each, alternating runs.
+g128 (RTN), from each. llama.cpp: `llama_model_quantize` (what `llama-quantize` runs) called in-process on the F16
+GGUF, so its time leaves out a process start. 2 threads each, alternating runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 REPEATS = 3
@@ -72,49 +75,56 @@ def section(work: Path, threads: int = 2) -> list[str]:
     from bench_gguf import quantize_with_llama_cpp
     from bench_kernels import memory_bandwidth
 
+    from synthetic import cast_copy
+
     paths = bench_engines.checkpoints()
     source, f16 = paths["source"], paths["F16"]
-    ours: dict[str, list[float]] = {name: [] for name, *_ in JOBS}
+    sources = {"fp32": source, "fp16": cast_copy(source, source.with_name(source.name + "-fp16"), torch.float16)}
+    ours: dict[tuple[str, str], list[float]] = {(name, kind): [] for name, *_ in JOBS for kind in sources}
     theirs: dict[str, list[float]] = {peer: [] for _, _, peer, _ in JOBS}
     sizes: dict[str, int] = {}
     bandwidth = [memory_bandwidth(3)[1]]
     startup = []
     for _ in range(REPEATS):
         for index, (name, args, _, suffix) in enumerate(JOBS):
-            out = work / f"write-{index}{suffix}"
-            _warm(source)
-            startup.append(_startup(threads))  # also loads torch's libraries into the page cache, as llama.cpp's are
-            ours[name].append(_infopt(source, args, out, threads))
-            sizes[name] = _size(out)
-            if out.is_dir():
-                shutil.rmtree(out)
-            else:
-                out.unlink()
-                out.with_name(out.name + ".md").unlink()  # the GGUF file's model card
+            for kind, folder in sources.items():
+                out = work / f"write-{index}{suffix}"
+                _warm(folder)
+                startup.append(_startup(threads))  # also loads torch's libraries into the page cache, as llama.cpp's
+                ours[name, kind].append(_infopt(folder, args, out, threads))
+                sizes[name] = _size(out)
+                if out.is_dir():
+                    shutil.rmtree(out)
+                else:
+                    out.unlink()
+                    out.with_name(out.name + ".md").unlink()  # the GGUF file's model card
         for peer, times in theirs.items():
             peer_out = work / f"write-llama-{peer}.gguf"
             _warm(f16)
             times.append(quantize_with_llama_cpp(f16, peer_out, peer, threads))
             peer_out.unlink()
     bandwidth.append(memory_bandwidth(3)[1])
-    source_bytes, f16_bytes = _size(source), _size(f16)
-    rows = ["| infopt writes | infopt s (whole command) | llama.cpp type | llama.cpp quantize s (from F16 GGUF) | ratio |"
-            " infopt output bytes |",
-            "| --- | ---: | --- | ---: | ---: | ---: |"]
+    source_bytes, half_bytes, f16_bytes = _size(source), _size(sources["fp16"]), _size(f16)
+    rows = ["| infopt writes | infopt s from fp32 | infopt s from fp16 | llama.cpp type | llama.cpp quantize s (from F16"
+            " GGUF) | ratio (from fp16) | ratio (from fp32) | infopt output bytes |",
+            "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for name, _, peer, _ in JOBS:
-        o, t = statistics.median(ours[name]), statistics.median(theirs[peer])
-        rows.append(f"| {name} | {o:.1f} | {peer} | {t:.1f} | **{o / t:.2f}x** | {sizes[name]:,} |")
+        o32, o16 = statistics.median(ours[name, "fp32"]), statistics.median(ours[name, "fp16"])
+        t = statistics.median(theirs[peer])
+        rows.append(f"| {name} | {o32:.1f} | {o16:.1f} | {peer} | {t:.1f} | **{o16 / t:.2f}x** | {o32 / t:.2f}x | "
+                    f"{sizes[name]:,} |")
     return [
-        f"Source: the synthetic 706M Llama, fp32 safetensors ({source_bytes / 1e9:.2f} GB; llama.cpp reads its F16",
-        f"GGUF, {f16_bytes / 1e9:.2f} GB). {threads} threads each, medians of {REPEATS} alternating runs; infopt's",
+        f"Source: the synthetic 706M Llama, fp32 safetensors ({source_bytes / 1e9:.2f} GB) and an fp16 copy",
+        f"({half_bytes / 1e9:.2f} GB), whose values are those of the F16 GGUF llama.cpp reads ({f16_bytes / 1e9:.2f} GB).",
+        f"{threads} threads each, medians of {REPEATS} alternating runs; infopt's",
         "time is the whole command in a fresh process, llama.cpp's the in-process `llama_model_quantize` call.",
         "Each run starts warm: no write-back pending (sync), its input read just before, and for infopt torch's",
         "libraries read by the start-up timing just before (llama.cpp's are loaded in the benchmark's process); this",
         "host reclaims idle file pages within seconds, and a cold start added 4-5 s to a 4 s run.",
         f"Ratio < 1: infopt is faster. Read bandwidth before and after: {bandwidth[0]:.1f} and {bandwidth[1]:.1f} GB/s.",
         f"Of each infopt row, {statistics.median(startup):.1f} s is a fresh process importing torch and infopt",
-        "(timed alone in the same run), which llama.cpp's call does not pay; the rest reads twice the bytes",
-        "(fp32), checks every value is finite, rounds and writes, with an fsync before the rename. infopt's Q4_0",
+        "(timed alone in the same run), which llama.cpp's call does not pay; the rest reads the source, checks",
+        "every value is finite, rounds and writes, with an fsync before the rename. infopt's Q4_0",
         "searches 19 candidate scales per block (weighted least squares); llama.cpp's Q4_0 without an importance",
         "matrix takes the one scale amax / -8 (the GGUF section sets the two files' perplexities side by side).",
         "",

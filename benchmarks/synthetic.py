@@ -59,6 +59,28 @@ def make_synthetic_llama(out: Path, config: dict, seed: int = 0, max_shard_bytes
     return out
 
 
+def cast_copy(source: Path, out: Path, dtype: torch.dtype, max_shard_bytes: int = 2 * 10**9) -> Path:
+    """A copy of a model folder with every floating tensor cast to `dtype` (reused when it exists): the 16-bit
+    checkpoint a model is usually published as."""
+    from infopt.formats.safetensors_io import iter_tensors
+
+    if (out / "config.json").is_file():
+        return out
+    with atomic_output_dir(out) as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes)
+        for name, tensor in iter_tensors(sorted(source.glob("*.safetensors"))):
+            writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        writer.close()
+        config = json.loads((source / "config.json").read_text())
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for extra in source.iterdir():
+            if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in ("config.json",) \
+                    and not extra.name.endswith(".index.json"):
+                shutil.copy2(extra, tmp / extra.name)
+    return out
+
+
 def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 

@@ -331,8 +331,9 @@ def test_bad_requests_get_one_line(stories_hf, tmp_path):
     cases = [
         (["--gguf-type", "Q3_X"], "invalid --gguf-type"),
         (["--method", "gptq", "--calib", "tinystories", "--gguf-type", "Q6_K"], "calibrated methods write GGUF"),
-        (["--method", "awq", "--calib", "tinystories", "--gguf-type", "Q4_K_M"], "calibrated methods write GGUF"),
+        (["--method", "awq", "--calib", "tinystories", "--gguf-type", "Q5_K_M"], "calibrated methods write GGUF"),
         (["--method", "gptq", "--calib", "tinystories", "--gguf-type", "Q4_K_M"], "no linear takes the Q4_K grid"),
+        (["--method", "awq", "--calib", "tinystories", "--gguf-type", "Q4_K_M"], "no linear takes the Q4_K grid"),
         (["--method", "gptq", "--calib", "tinystories", "--gguf-type", "Q4_K_S", "--group-size", "64"],
          "a sub-block of 32 values"),
         (["--method", "gptq", "--calib", "tinystories", "--gguf-type", "Q4_1", "--sym"], "stores int4 asym"),

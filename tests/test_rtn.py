@@ -92,19 +92,28 @@ def _awkward(rows: int, cols: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group", [16, 32, 128])
 @pytest.mark.parametrize("sym", [True, False])
-def test_rtn_in_cpp_gives_the_torch_forms_codes_scales_and_zeros(bits, group, sym, monkeypatch):
-    """The one-pass C++ RTN (round_to_nearest) against the torch form, bit for bit, on awkward rows; a value that is
-    not finite (--allow-non-finite) leaves the whole weight to the torch form."""
+@pytest.mark.parametrize("dtype, scale_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
+                                                (torch.bfloat16, torch.float16), (torch.float32, torch.float16)])
+def test_rtn_in_cpp_gives_the_torch_forms_codes_scales_and_zeros(bits, group, sym, dtype, scale_dtype, monkeypatch):
+    """The one-pass C++ RTN (round_to_nearest) against the torch form, bit for bit, on awkward rows, for fp32 and
+    16-bit sources with scales stored in the source's dtype or fp16 (GPTQ's format): 16-bit scales that round to 0
+    or overflow included. A value that is not finite (--allow-non-finite) leaves the whole weight to the torch form."""
     import infopt.quant.rtn as rtn
 
     spec = QuantSpec(bits, group, sym)
+    storage = rtn.Storage(scale_dtype=scale_dtype)
     weight = _awkward(40, 256, bits * 100 + group)
+    if dtype == torch.float16:
+        weight = weight.clamp(-6e4, 6e4)  # finite in fp16; the 1e-30 row still rounds to zero scales
+    else:
+        weight[6] *= 1e7  # an fp16 scale of this row overflows to infinity
+    weight = weight.to(dtype)
     poisoned = weight.clone()
     poisoned[9, 5] = float("nan")
-    fast = [quantize_rtn(weight, spec), quantize_rtn(poisoned, spec)]
-    assert rtn._in_kernel(weight, spec, rtn.Storage()) is not None  # the kernel did run
+    fast = [quantize_rtn(weight, spec, storage), quantize_rtn(poisoned, spec, storage)]
+    assert rtn._in_kernel(weight, spec, storage) is not None  # the kernel did run
     monkeypatch.setattr(rtn, "_in_kernel", lambda *args: None)
-    slow = [quantize_rtn(weight, spec), quantize_rtn(poisoned, spec)]
+    slow = [quantize_rtn(weight, spec, storage), quantize_rtn(poisoned, spec, storage)]
     for a, b in zip(fast, slow):
         assert torch.equal(a.codes, b.codes) and a.codes.dtype == b.codes.dtype == torch.int8
         assert torch.equal(a.scale, b.scale) and a.scale.dtype == b.scale.dtype
@@ -120,21 +129,26 @@ def test_rtn_kernel_refuses_bad_input():
         pytest.skip("infopt kernels unavailable")
     ops = kernels.build.ops()
     with pytest.raises(RuntimeError, match="multiples of 16"):
-        ops.round_to_nearest(torch.zeros(4, 48), 24, -8, 7, True)
+        ops.round_to_nearest(torch.zeros(4, 48), 24, -8, 7, True, torch.float32)
     with pytest.raises(RuntimeError, match="float32"):
-        ops.round_to_nearest(torch.zeros(4, 32).double(), 16, -8, 7, True)
+        ops.round_to_nearest(torch.zeros(4, 32).double(), 16, -8, 7, True, torch.float32)
+    with pytest.raises(RuntimeError, match="scales are"):
+        ops.round_to_nearest(torch.zeros(4, 32), 16, -8, 7, True, torch.float64)
     with pytest.raises(RuntimeError, match="qmin"):
-        ops.round_to_nearest(torch.zeros(4, 32), 16, 0, 7, True)
+        ops.round_to_nearest(torch.zeros(4, 32), 16, 0, 7, True, torch.float32)
 
 
 @pytest.mark.parametrize("group", [16, 128, -1])
 @pytest.mark.parametrize("sym", [True, False])
-def test_the_reported_weight_error_equals_the_dequantized_residual(group, sym):
-    """relative_error (one C++ pass where the kernels are built) against the residual through dequantize()."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_reported_weight_error_equals_the_dequantized_residual(group, sym, dtype):
+    """relative_error (one C++ pass where the kernels are built) against the residual through dequantize(), whose
+    weights are formed in the scale's dtype (16-bit sources keep 16-bit scales)."""
     from infopt.quant.weights import relative_error
 
-    weight = _awkward(40, 256, 7)
+    weight = _awkward(40, 256, 7).to(dtype)
     q = quantize_rtn(weight, QuantSpec(4, group, sym))
+    assert q.scale.dtype == dtype
     direct = float(((q.dequantize().double() - weight.double()) ** 2).sum() / (weight.double() ** 2).sum())
     assert relative_error(q, weight) == pytest.approx(direct, rel=1e-5)
     assert relative_error(q, weight * 0) == 0.0 or relative_error(q, weight * 0) > 0  # no division by zero

@@ -72,13 +72,17 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, storage: Storage = Stora
     return QuantizedWeight(codes, scale, zero, spec)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _in_kernel(weight: torch.Tensor, spec: QuantSpec, storage: Storage) -> QuantizedWeight | None:
     """quantize_rtn in one C++ pass (runtime/kernels/grid_search.cpp round_to_nearest: these steps, the same bytes)
-    for float32 CPU weights in groups of multiples of 16 with float32 scales, outside autograd (the op has no
-    gradient); None elsewhere, and where a value is not finite (--allow-non-finite), which the torch form handles as
-    torch does."""
-    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.requires_grad
-            or storage.scale_dtype not in (None, torch.float32)
+    for float32 / bfloat16 / float16 CPU weights in groups of multiples of 16 with scales of one of those types,
+    outside autograd (the op has no gradient); None elsewhere, and where a value is not finite
+    (--allow-non-finite), which the torch form handles as torch does."""
+    scale_dtype = storage.scale_dtype or weight.dtype
+    if (weight.device.type != "cpu" or weight.dtype not in _KERNEL_DTYPES or weight.requires_grad
+            or scale_dtype not in _KERNEL_DTYPES
             or storage.min_zero_offset or spec.bits > 8 or spec.group_size <= 0 or spec.group_size % 16
             or weight.shape[1] % spec.group_size):
         return None
@@ -88,7 +92,7 @@ def _in_kernel(weight: torch.Tensor, spec: QuantSpec, storage: Storage) -> Quant
     if ops is None:
         return None
     result = build.unless_non_finite(ops.round_to_nearest, weight.contiguous(), spec.group_size, spec.qmin,
-                                     spec.qmax, spec.symmetric)
+                                     spec.qmax, spec.symmetric, scale_dtype)
     if result is None:
         return None
     codes, scale, zero = result

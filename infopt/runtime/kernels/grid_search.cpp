@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -27,6 +29,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -372,35 +375,48 @@ at::Tensor round_q4_0(const at::Tensor& x, const at::Tensor& d) {
 
 // --- round to nearest on a min/max grid (infopt.quant.rtn.quantize_rtn, step for step) ---------------------------
 
+// 16 values of a weight row as fp32 (bf16 and fp16 widen exactly).
+inline __m512 load_f32(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_f32(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load_f32(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// A scale rounded to its storage type (nearest even, as Tensor.to rounds) and stored; returns the stored value in
+// fp32. A 16-bit scale that rounds to 0 becomes the type's smallest normal (rtn.compute_qparams: finfo.tiny).
+template <typename S>
+inline float store_scale(float s, S* out) {
+  if constexpr (std::is_same_v<S, float>) {
+    *out = s;
+    return s;
+  } else {
+    S stored(s);
+    if (static_cast<float>(stored) == 0.0f) stored = std::numeric_limits<S>::min();
+    *out = stored;
+    return static_cast<float>(stored);
+  }
+}
+
 // Per group of `group` values: the range widened to include 0, s = absmax / ((qmax - qmin) / 2) (symmetric) or
-// (max - min) / (qmax - qmin), 1 where that is 0; asymmetric z = round(qmin - min / s) clamped; codes
-// clamp(round(x / s) (+ z), qmin, qmax). round is torch.round's: halves to even. Returns (codes int8, scale float32,
-// zero int8, or an empty tensor when symmetric).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> round_to_nearest(const at::Tensor& x, int64_t group, int64_t qmin,
-                                                                int64_t qmax, bool symmetric) {
-  check_float_matrix(x, "round_to_nearest");
-  TORCH_CHECK(group >= kWidth && group % kWidth == 0 && x.size(1) % group == 0,
-              "round_to_nearest: groups must be multiples of 16 that divide the rows");
-  TORCH_CHECK(qmin < 0 && qmax > 0 && qmin >= -128 && qmax <= 127, "round_to_nearest: bad qmin/qmax");
-  const int64_t rows = x.size(0), cols = x.size(1), groups = cols / group;
-  at::Tensor codes = at::empty({rows, cols}, x.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({rows, groups}, x.options());
-  at::Tensor zero = at::empty({symmetric ? 0 : rows, symmetric ? 0 : groups}, x.options().dtype(at::kChar));
-  const float* xp = x.data_ptr<float>();
-  int8_t* cp = codes.data_ptr<int8_t>();
-  float* sp = scale.data_ptr<float>();
-  int8_t* zp = symmetric ? nullptr : zero.data_ptr<int8_t>();
+// (max - min) / (qmax - qmin), 1 where that is 0, rounded to the scale's storage type; asymmetric z =
+// round(qmin - min / s) clamped; codes clamp(round(x / s) (+ z), qmin, qmax), all in fp32 with s the stored scale.
+// round is torch.round's: halves to even. The steps of rtn.compute_qparams / quantize_codes in order.
+template <typename T, typename S>
+void round_groups(const T* xp, int8_t* cp, S* sp, int8_t* zp, int64_t count, int64_t group, int64_t qmin,
+                  int64_t qmax, bool symmetric, std::atomic<bool>& finite) {
   const float half_range = static_cast<float>(static_cast<double>(qmax - qmin) / 2.0);
   const float range = static_cast<float>(qmax - qmin);
-  std::atomic<bool> finite{true};
-  at::parallel_for(0, rows * groups, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
     const __m512 lo = _mm512_set1_ps(static_cast<float>(qmin)), hi = _mm512_set1_ps(static_cast<float>(qmax));
     for (int64_t g = begin; g < end; ++g) {
-      const float* xg = xp + g * group;
-      __m512 vmin = _mm512_loadu_ps(xg), vmax = vmin;
+      const T* xg = xp + g * group;
+      __m512 vmin = load_f32(xg), vmax = vmin;
       __mmask16 bad = _mm512_fpclass_ps_mask(vmin, kNonFinite);
       for (int64_t i = kWidth; i < group; i += kWidth) {
-        const __m512 v = _mm512_loadu_ps(xg + i);
+        const __m512 v = load_f32(xg + i);
         bad |= _mm512_fpclass_ps_mask(v, kNonFinite);
         vmin = _mm512_min_ps(vmin, v);
         vmax = _mm512_max_ps(vmax, v);
@@ -411,8 +427,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> round_to_nearest(const at::Tensor
       }
       const float wmin = std::min(_mm512_reduce_min_ps(vmin), 0.0f), wmax = std::max(_mm512_reduce_max_ps(vmax), 0.0f);
       float s = symmetric ? std::max(-wmin, wmax) / half_range : (wmax - wmin) / range;
-      s = s > 0.0f ? s : 1.0f;
-      sp[g] = s;
+      s = store_scale(s > 0.0f ? s : 1.0f, sp + g);
       __m512 shift = _mm512_setzero_ps();
       if (!symmetric) {
         const float z = std::min(std::max(std::nearbyint(static_cast<float>(qmin) - wmin / s),
@@ -422,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> round_to_nearest(const at::Tensor
       }
       const __m512 step = _mm512_set1_ps(s);
       for (int64_t i = 0; i < group; i += kWidth) {
-        __m512 level = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(xg + i), step),
+        __m512 level = _mm512_roundscale_ps(_mm512_div_ps(load_f32(xg + i), step),
                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         level = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(level, shift), lo), hi);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(cp + g * group + i),
@@ -430,39 +445,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> round_to_nearest(const at::Tensor
       }
     }
   });
+}
+
+// x: a contiguous float32, bfloat16 or float16 CPU matrix; scales stored as scale_dtype (float32, bfloat16 or
+// float16). Returns (codes int8, scale, zero int8 or an empty tensor when symmetric).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> round_to_nearest(const at::Tensor& x, int64_t group, int64_t qmin,
+                                                                int64_t qmax, bool symmetric,
+                                                                at::ScalarType scale_dtype) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2 &&
+                  (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf),
+              "round_to_nearest: a contiguous float32, bfloat16 or float16 CPU matrix only");
+  TORCH_CHECK(scale_dtype == at::kFloat || scale_dtype == at::kBFloat16 || scale_dtype == at::kHalf,
+              "round_to_nearest: scales are float32, bfloat16 or float16");
+  TORCH_CHECK(group >= kWidth && group % kWidth == 0 && x.size(1) % group == 0,
+              "round_to_nearest: groups must be multiples of 16 that divide the rows");
+  TORCH_CHECK(qmin < 0 && qmax > 0 && qmin >= -128 && qmax <= 127, "round_to_nearest: bad qmin/qmax");
+  const int64_t rows = x.size(0), cols = x.size(1), groups = cols / group;
+  at::Tensor codes = at::empty({rows, cols}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({rows, groups}, x.options().dtype(scale_dtype));
+  at::Tensor zero = at::empty({symmetric ? 0 : rows, symmetric ? 0 : groups}, x.options().dtype(at::kChar));
+  int8_t* zp = symmetric ? nullptr : zero.data_ptr<int8_t>();
+  std::atomic<bool> finite{true};
+  auto with_scale = [&](const auto* xp) {
+    int8_t* cp = codes.data_ptr<int8_t>();
+    if (scale_dtype == at::kFloat) {
+      round_groups(xp, cp, scale.data_ptr<float>(), zp, rows * groups, group, qmin, qmax, symmetric, finite);
+    } else if (scale_dtype == at::kBFloat16) {
+      round_groups(xp, cp, scale.data_ptr<c10::BFloat16>(), zp, rows * groups, group, qmin, qmax, symmetric, finite);
+    } else {
+      round_groups(xp, cp, scale.data_ptr<c10::Half>(), zp, rows * groups, group, qmin, qmax, symmetric, finite);
+    }
+  };
+  if (dtype == at::kFloat) {
+    with_scale(x.data_ptr<float>());
+  } else if (dtype == at::kBFloat16) {
+    with_scale(x.data_ptr<c10::BFloat16>());
+  } else {
+    with_scale(x.data_ptr<c10::Half>());
+  }
   TORCH_CHECK(finite.load(), "round_to_nearest: a group holds a value that is not finite");
   return {codes, scale, zero};
 }
 
-// (sum of (dequantized - x)^2, sum of x^2) for a weight on a grouped grid, dequantized as QuantizedWeight.dequantize
-// does ((q - z) * s in float32); the sums in float64, for the relative weight error a command reports.
-at::Tensor grid_error(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
-                      int64_t group) {
-  check_float_matrix(x, "grid_error");
-  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.sizes() == x.sizes() && codes.is_contiguous(),
-              "grid_error: int8 codes of the weight's shape");
-  TORCH_CHECK(group >= kWidth && group % kWidth == 0 && x.size(1) % group == 0,
-              "grid_error: groups must be multiples of 16 that divide the rows");
-  const int64_t rows = x.size(0), groups = x.size(1) / group;
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == rows * groups,
-              "grid_error: one float32 scale per group");
-  const bool shifted = zero.numel() > 0;
-  TORCH_CHECK(!shifted || (zero.scalar_type() == at::kChar && zero.is_contiguous() && zero.numel() == rows * groups),
-              "grid_error: one int8 zero point per group, or none");
-  const float* xp = x.data_ptr<float>();
-  const int8_t* cp = codes.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const int8_t* zp = shifted ? zero.data_ptr<int8_t>() : nullptr;
-  std::vector<double> partial(2 * at::get_num_threads(), 0.0);
-  at::parallel_for(0, rows * groups, 64, [&](int64_t begin, int64_t end) {
+// v rounded to the scale's storage type (nearest even) and back: QuantizedWeight.dequantize forms the weights in
+// that type. bf16: the upper half of the fp32 bits after adding 0x7FFF plus the kept lowest bit (finite values).
+inline __m512 rounded_as(__m512 v, const float*) { return v; }
+inline __m512 rounded_as(__m512 v, const c10::BFloat16*) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+inline __m512 rounded_as(__m512 v, const c10::Half*) {
+  return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+template <typename T, typename S>
+void grid_error_sums(const T* xp, const int8_t* cp, const S* sp, const int8_t* zp, int64_t count, int64_t group,
+                     std::vector<double>& partial) {
+  at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
     __m512d err = _mm512_setzero_pd(), energy = _mm512_setzero_pd();
     for (int64_t g = begin; g < end; ++g) {
-      const __m512 step = _mm512_set1_ps(sp[g]);
-      const __m512 shift = _mm512_set1_ps(shifted ? static_cast<float>(zp[g]) : 0.0f);
+      const __m512 step = _mm512_set1_ps(static_cast<float>(sp[g]));
+      const __m512 shift = _mm512_set1_ps(zp != nullptr ? static_cast<float>(zp[g]) : 0.0f);
       for (int64_t i = g * group; i < (g + 1) * group; i += kWidth) {
         const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + i))));
-        const __m512 v = _mm512_loadu_ps(xp + i);
-        const __m512 r = _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps(q, shift), step), v);
+        const __m512 v = load_f32(xp + i);
+        const __m512 r = _mm512_sub_ps(rounded_as(_mm512_mul_ps(_mm512_sub_ps(q, shift), step), sp), v);
         for (const __m512d h : {low_half(r), high_half(r)}) err = _mm512_add_pd(err, _mm512_mul_pd(h, h));
         for (const __m512d h : {low_half(v), high_half(v)}) energy = _mm512_add_pd(energy, _mm512_mul_pd(h, h));
       }
@@ -471,6 +521,46 @@ at::Tensor grid_error(const at::Tensor& x, const at::Tensor& codes, const at::Te
     partial[2 * slot] += _mm512_reduce_add_pd(err);
     partial[2 * slot + 1] += _mm512_reduce_add_pd(energy);
   });
+}
+
+// (sum of (dequantized - x)^2, sum of x^2) for a weight on a grouped grid, dequantized as QuantizedWeight.dequantize
+// does ((q - z) * s, an exact fp32 product rounded to the scale's type); the sums in float64, for the relative
+// weight error a command reports. x and the scales: float32, bfloat16 or float16.
+at::Tensor grid_error(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
+                      int64_t group) {
+  const auto dtype = x.scalar_type(), scale_dtype = scale.scalar_type();
+  auto sixteen_or_32 = [](at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; };
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2 && sixteen_or_32(dtype),
+              "grid_error: a contiguous float32, bfloat16 or float16 CPU matrix only");
+  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.sizes() == x.sizes() && codes.is_contiguous(),
+              "grid_error: int8 codes of the weight's shape");
+  TORCH_CHECK(group >= kWidth && group % kWidth == 0 && x.size(1) % group == 0,
+              "grid_error: groups must be multiples of 16 that divide the rows");
+  const int64_t rows = x.size(0), groups = x.size(1) / group;
+  TORCH_CHECK(sixteen_or_32(scale_dtype) && scale.is_contiguous() && scale.numel() == rows * groups,
+              "grid_error: one float32, bfloat16 or float16 scale per group");
+  const bool shifted = zero.numel() > 0;
+  TORCH_CHECK(!shifted || (zero.scalar_type() == at::kChar && zero.is_contiguous() && zero.numel() == rows * groups),
+              "grid_error: one int8 zero point per group, or none");
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  const int8_t* zp = shifted ? zero.data_ptr<int8_t>() : nullptr;
+  std::vector<double> partial(2 * at::get_num_threads(), 0.0);
+  auto with_scale = [&](const auto* xp) {
+    if (scale_dtype == at::kFloat) {
+      grid_error_sums(xp, cp, scale.data_ptr<float>(), zp, rows * groups, group, partial);
+    } else if (scale_dtype == at::kBFloat16) {
+      grid_error_sums(xp, cp, scale.data_ptr<c10::BFloat16>(), zp, rows * groups, group, partial);
+    } else {
+      grid_error_sums(xp, cp, scale.data_ptr<c10::Half>(), zp, rows * groups, group, partial);
+    }
+  };
+  if (dtype == at::kFloat) {
+    with_scale(x.data_ptr<float>());
+  } else if (dtype == at::kBFloat16) {
+    with_scale(x.data_ptr<c10::BFloat16>());
+  } else {
+    with_scale(x.data_ptr<c10::Half>());
+  }
   at::Tensor out = at::empty({2}, x.options().dtype(at::kDouble));
   double* op = out.data_ptr<double>();
   op[0] = op[1] = 0.0;
@@ -485,7 +575,8 @@ at::Tensor grid_error(const at::Tensor& x, const at::Tensor& codes, const at::Te
 
 TORCH_LIBRARY_FRAGMENT(infopt_kernels, m) {
   m.def("grid_error(Tensor x, Tensor codes, Tensor scale, Tensor zero, int group) -> Tensor", &grid_error);
-  m.def("round_to_nearest(Tensor x, int group, int qmin, int qmax, bool symmetric) -> (Tensor, Tensor, Tensor)",
+  m.def("round_to_nearest(Tensor x, int group, int qmin, int qmax, bool symmetric, ScalarType scale_dtype) -> "
+        "(Tensor, Tensor, Tensor)",
         &round_to_nearest);
   m.def("round_q8_0(Tensor x) -> Tensor", &round_q8_0);
   m.def("round_q4_0(Tensor x, Tensor d) -> Tensor", &round_q4_0);

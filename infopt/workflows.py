@@ -486,6 +486,10 @@ def _quantize(req: QuantizeRequest, progress: Progress | None) -> dict:
     fmt = output_format(req.format_name, req.entry)
     _check_request(req)
     gguf_type = _gguf_file_type(req) if fmt.single_file else None
+    if gguf_type is not None and not req.calibrated and not req.entry.gguf_rounding:
+        takes = ", ".join(m.name for m in METHODS.values() if m.gguf_rounding or m.calibrated)
+        raise InfoptError(f"--method {req.method} has no GGUF form yet: GGUF files come from {takes} (calibration-"
+                          "free: the writer rounds each tensor to its llama.cpp type; calibrated: their grid stored)")
     k_grid = gguf_type is not None and req.calibrated and gguf_type in gguf.K_GRID_TYPES
     if k_grid:  # the method quantizes on the K-quant grid the file stores (infopt.quant.kgrid)
         fmt = replace(fmt, storage=replace(fmt.storage, grid="Q4_K"))

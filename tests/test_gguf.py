@@ -338,6 +338,7 @@ def test_bad_requests_get_one_line(stories_hf, tmp_path):
          "a sub-block of 32 values"),
         (["--method", "gptq", "--calib", "tinystories", "--gguf-type", "Q4_1", "--sym"], "stores int4 asym"),
         (["--bits", "3"], "has no GGUF block"),
+        (["--method", "hqq", "--gguf-type", "Q4_K_M"], "--method hqq has no GGUF form yet"),
     ]
     for args, message in cases:
         done = run_cli("quantize", str(stories_hf), "--format", "gguf", "--out", str(tmp_path / "x.gguf"), *args)

@@ -120,6 +120,8 @@ class Method:
     recoverable: bool = False  # block-wise recovery (infopt.quant.recovery) can start from its integer result
     # --forward-dtype auto runs its calibration forwards' matrix products in bf16 where that is native
     bf16_forwards: bool = False
+    # a calibration-free method whose GGUF file is the writer's own rounding of each tensor to its llama.cpp type
+    gguf_rounding: bool = False
 
     def options(self) -> dict[str, dataclasses.Field]:
         return {f.name: f for f in dataclasses.fields(self.config)}

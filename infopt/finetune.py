@@ -80,6 +80,12 @@ def _start_weights(req: QATRequest, source: ModelDir, fmt) -> tuple[dict[str, Qu
         if text_config(start.config).get(key) != text_config(source.config).get(key):
             raise InfoptError(f"--start {req.start} is not a quantization of {req.model} ({key} differs)")
     quantized, _ = read_quantized(start.files, start.config)  # keyed by tensor name (module + ".weight")
+    blocks = sorted(name for name, w in quantized.items() if not isinstance(w, QuantizedWeight))
+    if blocks:  # GGUF's Q4_1 / Q5_x / K-quant blocks: float offsets and 6-bit sub-scales, not integer groups
+        more = f" (and {len(blocks) - 1} more)" if len(blocks) > 1 else ""
+        raise InfoptError(f"--start {req.start}: {blocks[0]}{more} is on a GGUF block grid (Q4_1, Q5_x or a "
+                          "K-quant), which QAT does not train; start from integer groups (compressed-tensors, GPTQ, "
+                          "AWQ, or GGUF Q4_0 / Q8_0)")
     return ({name.removesuffix(".weight"): w for name, w in quantized.items()},
             f"{start.quant_method} checkpoint {start.path.name}")
 

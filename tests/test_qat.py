@@ -128,8 +128,12 @@ def test_bad_options_get_one_line_errors(stories_hf, tmp_path):
         (["--format", "gguf"], "qat writes compressed-tensors, gptq or awq"),
         (["--seq-len", "100000", "--group-size", "4", "--data", str(tmp_path / "tiny.txt")], "too few"),
         (["--start", str(stories_hf), "--bits", "2"], "describe the RTN start"),
+        (["--start", str(tmp_path / "s.gguf")], "is on a GGUF block grid (Q4_1, Q5_x or a K-quant)"),
     ]
     (tmp_path / "tiny.txt").write_text("Once upon a time there was a cat.")
+    made = run_cli("quantize", str(stories_hf), "--format", "gguf", "--gguf-type", "Q4_1", "--out",
+                   str(tmp_path / "s.gguf"))
+    assert made.returncode == 0, made.stderr
     for args, message in cases:
         done = run_cli(*base, *args)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr)

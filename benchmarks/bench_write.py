@@ -23,6 +23,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 REPEATS = 3
+# Seconds of quiet before each timed run. Back to back, a run that follows another's 1-2 GB of file writes and reads
+# took 4-9 s where the same command took 2.8 s after a pause (706M Q8_0, 2026-12-02): this host's page reclaim and
+# writeback are still busy with the run before.
+SETTLE = 5.0
 # infopt command -> the llama.cpp type it is set against
 JOBS = [("GGUF Q8_0", ["--format", "gguf", "--gguf-type", "Q8_0"], "Q8_0", ".gguf"),
         ("GGUF Q4_0", ["--format", "gguf", "--gguf-type", "Q4_0"], "Q4_0", ".gguf"),
@@ -55,15 +59,28 @@ def _startup(threads: int) -> float:
 
 
 def _warm(path: Path) -> None:
-    """Flush the writes of the run before (their write-back would land on this one), then read a model's files once,
-    so both tools start from the page cache: this host reclaims idle file pages within seconds (a first read from
-    disk added ~4 s to a 4 s run)."""
+    """Flush the writes of the run before (their write-back would land on this one), let the host settle, then read
+    a model's files once, so both tools start from the page cache: this host reclaims idle file pages within seconds
+    (a first read from disk added ~4 s to a 4 s run)."""
     os.sync()
+    time.sleep(SETTLE)
     for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
         if file.is_file():
             with open(file, "rb") as handle:
                 while handle.read(64 * 2**20):
                     pass
+
+
+def _llama_cpp(f16: Path, out: Path, peer: str, threads: int) -> float:
+    """llama.cpp's quantizer in a fresh process, as infopt runs, timed around its in-process call (its process start
+    and library load not counted)."""
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; "
+            "from bench_gguf import quantize_with_llama_cpp as q; "
+            f"print(q(Path({str(f16)!r}), Path({str(out)!r}), {peer!r}, {threads}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(threads), cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama.cpp {peer} failed:\n{done.stderr[-2000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def _fsync(path: Path) -> float:
@@ -80,7 +97,6 @@ def _size(path: Path) -> int:
 
 def section(work: Path, threads: int = 2) -> list[str]:
     import bench_engines
-    from bench_gguf import quantize_with_llama_cpp
     from bench_kernels import memory_bandwidth
 
     from synthetic import cast_copy
@@ -110,13 +126,13 @@ def section(work: Path, threads: int = 2) -> list[str]:
         for peer, times in theirs.items():
             peer_out = work / f"write-llama-{peer}.gguf"
             _warm(f16)
-            times.append(quantize_with_llama_cpp(f16, peer_out, peer, threads))
+            times.append(_llama_cpp(f16, peer_out, peer, threads))
             synced[peer].append(times[-1] + _fsync(peer_out))
             peer_out.unlink()
     bandwidth.append(memory_bandwidth(3)[1])
     source_bytes, half_bytes, f16_bytes = _size(source), _size(sources["fp16"]), _size(f16)
-    rows = ["| infopt writes | infopt s from fp32 | infopt s from fp16 | llama.cpp type | llama.cpp quantize s (from F16"
-            " GGUF) | ratio (from fp16) | ratio (from fp32) | llama.cpp + fsync s | ratio to it (from fp16) |"
+    rows = ["| infopt writes | infopt s from fp32 | infopt s from fp16 | llama.cpp type | llama.cpp quantize s"
+            " (from F16 GGUF) | ratio (from fp16) | ratio (from fp32) | llama.cpp + fsync s | ratio to it (from fp16) |"
             " infopt output bytes |",
             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, _, peer, _ in JOBS:
@@ -126,17 +142,20 @@ def section(work: Path, threads: int = 2) -> list[str]:
                     f"{durable:.1f} | {o16 / durable:.2f}x | {sizes[name]:,} |")
     return [
         f"Source: the synthetic 706M Llama, fp32 safetensors ({source_bytes / 1e9:.2f} GB) and an fp16 copy",
-        f"({half_bytes / 1e9:.2f} GB), whose values are those of the F16 GGUF llama.cpp reads ({f16_bytes / 1e9:.2f} GB).",
+        f"({half_bytes / 1e9:.2f} GB), whose values are those of the F16 GGUF llama.cpp reads "
+        f"({f16_bytes / 1e9:.2f} GB).",
         f"{threads} threads each, medians of {REPEATS} alternating runs; infopt's",
-        "time is the whole command in a fresh process, llama.cpp's the in-process `llama_model_quantize` call.",
-        "Each run starts warm: no write-back pending (sync), its input read just before, and for infopt torch's",
-        "libraries read by the start-up timing just before (llama.cpp's are loaded in the benchmark's process); this",
+        "time is the whole command in a fresh process, llama.cpp's its `llama_model_quantize` call in a fresh process.",
+        f"Each run starts warm and quiet: no write-back pending (sync), {SETTLE:.0f} s of rest (back to back, the run",
+        "before's file traffic slowed a 2.8 s run to 4-9 s), its input read just before, and for infopt torch's",
+        "libraries read by the start-up timing just before; this",
         "host reclaims idle file pages within seconds, and a cold start added 4-5 s to a 4 s run.",
         f"Ratio < 1: infopt is faster. Read bandwidth before and after: {bandwidth[0]:.1f} and {bandwidth[1]:.1f} GB/s.",
         f"Of each infopt row, {statistics.median(startup):.1f} s is a fresh process importing torch and infopt",
         "(timed alone in the same run), which llama.cpp's call does not pay; the rest reads the source, checks",
         "every value is finite, rounds and writes, with an fsync before the rename (llama.cpp's call returns with its",
-        "file still in the page cache: the llama.cpp + fsync column adds the time to make it durable too). infopt's Q4_0",
+        "file still in the page cache: the llama.cpp + fsync column adds the time to make it durable too).",
+        "infopt's Q4_0",
         "searches 19 candidate scales per block (weighted least squares); llama.cpp's Q4_0 without an importance",
         "matrix takes the one scale amax / -8 (the GGUF section sets the two files' perplexities side by side).",
         "",

@@ -359,5 +359,5 @@ class AWQMethod:
 
 METHOD = Method("awq", "AWQ (Lin et al. 2023): activation-aware channel scales and clipping, layer by layer",
                 AWQConfig, INTEGER, "compressed-tensors", calibrated=True,
-                factory=lambda config, storage, adapter: AWQMethod(adapter, config, storage), recoverable=True, bf16_forwards=True,
-                grids=("Q4_K",))
+                factory=lambda config, storage, adapter: AWQMethod(adapter, config, storage), recoverable=True,
+                bf16_forwards=True, grids=("Q4_K",))

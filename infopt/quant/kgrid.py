@@ -132,7 +132,8 @@ def round_to_grid(x: torch.Tensor, nmax: int = 15) -> "KGridWeight":
     codes = grid_codes(x, d, dmin, sc, mn, nmax)
     supers = cols // SUPER
     return KGridWeight(codes.to(torch.uint8).cpu(), d.reshape(rows, supers).cpu(), dmin.reshape(rows, supers).cpu(),
-                       sc.reshape(rows, supers, 8).to(torch.uint8).cpu(), mn.reshape(rows, supers, 8).to(torch.uint8).cpu(),
+                       sc.reshape(rows, supers, 8).to(torch.uint8).cpu(),
+                       mn.reshape(rows, supers, 8).to(torch.uint8).cpu(),
                        nmax)
 
 

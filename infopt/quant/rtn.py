@@ -113,5 +113,5 @@ class RTNQuantizer:
 
 
 METHOD = Method("rtn", "round to nearest on a min/max grid (no calibration)", RTNConfig, INTEGER, "compressed-tensors",
-                calibrated=False, factory=lambda config, storage, adapter: RTNQuantizer(config, storage), recoverable=True,
-                gguf_rounding=True)
+                calibrated=False, factory=lambda config, storage, adapter: RTNQuantizer(config, storage),
+                recoverable=True, gguf_rounding=True)

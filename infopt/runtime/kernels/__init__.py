@@ -13,15 +13,16 @@ import torch
 
 from infopt.runtime.kernels.build import available, has_vnni, reason
 from infopt.runtime.kernels.ops import (LINEAR_DENSE, LINEAR_FLOAT, NO_PRODUCT, LinearRecord, add_rms_norm,
-                                        decode_step, dense_kernel_tokens, dense_matmul, dense_weight, int8_activation_eligible,
-                                        kernel_matmul, kernel_matmul_a8, packed_record, paged_attention, rms_norm,
-                                        rotary_kv_write, silu_mul, tiled_matmul)
+                                        decode_step, dense_kernel_tokens, dense_matmul, dense_weight,
+                                        int8_activation_eligible, kernel_matmul, kernel_matmul_a8, packed_record,
+                                        paged_attention, rms_norm, rotary_kv_write, silu_mul, tiled_matmul)
 from infopt.runtime.kernels.packing import PackedWeight, Unpackable, concat_rows, dequantize_fp32, pack
 
-__all__ = ["LINEAR_DENSE", "LINEAR_FLOAT", "NO_PRODUCT", "LinearRecord", "PackedWeight", "Unpackable", "add_rms_norm",
-           "available", "concat_rows", "decode_step", "dense_kernel_tokens", "dense_matmul", "dense_weight", "dequantize_fp32",
-           "has_vnni", "int8_activation_eligible", "kernel_matmul", "kernel_matmul_a8", "matmul", "pack",
-           "packed_record", "paged_attention", "reason", "rms_norm", "rotary_kv_write", "silu_mul", "tiled_matmul"]
+__all__ = ["LINEAR_DENSE", "LINEAR_FLOAT", "NO_PRODUCT", "LinearRecord", "PackedWeight", "Unpackable",
+           "add_rms_norm", "available", "concat_rows", "decode_step", "dense_kernel_tokens", "dense_matmul",
+           "dense_weight", "dequantize_fp32", "has_vnni", "int8_activation_eligible", "kernel_matmul",
+           "kernel_matmul_a8", "matmul", "pack", "packed_record", "paged_attention", "reason", "rms_norm",
+           "rotary_kv_write", "silu_mul", "tiled_matmul"]
 
 # Above this many tokens the kernel hands over to dequantize-a-tile + dense GEMM. On the development machine
 # (AMD Zen 5, one thread) the kernel was still faster at 512 tokens: it runs near the FMA peak, while torch's

@@ -50,10 +50,11 @@ def _infopt(source: Path, args: list[str], out: Path, threads: int) -> float:
 
 
 def _startup(threads: int) -> float:
-    """A fresh process importing what `infopt quantize` imports before it reads a weight (torch; these commands
-    import no transformers): the part of every infopt row that llama.cpp's in-process call does not pay."""
+    """A fresh process importing what `infopt quantize` imports before it reads a weight (torch and the C++ kernels;
+    these commands import no transformers): the part of every infopt row that llama.cpp's timed call does not pay."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import infopt.cli.main, infopt.workflows, infopt.formats.gguf"],
+    subprocess.run([sys.executable, "-c", "import infopt.cli.main, infopt.workflows, infopt.formats.gguf; "
+                    "from infopt.runtime.kernels import build; build.ops()"],
                    check=True, capture_output=True, env=_env(threads), cwd=ROOT)
     return time.perf_counter() - start
 

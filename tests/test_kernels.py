@@ -440,6 +440,21 @@ def test_a_build_without_vnni_refuses_int8_activations(tmp_path):
     assert run.returncode != 0 and "no AVX512-VNNI int8-activation path" in run.stderr
 
 
+@needs_ext
+def test_a_kept_build_loads_without_setuptools_or_ninja(tmp_path):
+    """A build is kept under a hash of its sources, flags and torch version; the next process with the same ones loads
+    it directly, without importing cpp_extension (setuptools) or running ninja."""
+    code = ("import sys; from infopt.runtime.kernels import build; ok = build.ops() is not None;"
+            "print(ok, 'torch.utils.cpp_extension' in sys.modules)")
+    env = {**os.environ, "INFOPT_EXT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}  # a separate build
+    first, second = (subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+                     for _ in range(2))
+    assert first.stdout.split() == ["True", "True"], first.stderr  # built through cpp_extension
+    assert second.stdout.split() == ["True", "False"], second.stderr
+    assert len(list((tmp_path / "kernels").glob(f"{build.NAME}-*.so"))) == 1
+    assert build._kept_library(["-O3"]) != build._kept_library(["-O2"])
+
+
 def _quantized_llama(tmp_path):
     import transformers
 

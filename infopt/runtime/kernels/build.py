@@ -6,10 +6,16 @@ rebuilds it when the source or flags change. It registers its ops under torch.op
 through the dispatcher (no pybind module). INFOPT_NO_EXT=1 turns it off; so does a non-x86-64 CPU or one without
 AVX-512 F/BW/VL/DQ, FMA and F16C, a missing C++ compiler or ninja, or any build error (one warning with the
 reason, then the torch fallback). A first build takes about 10-15 s; later processes load the cached library.
+
+Each build is also kept under a name made from a hash of its sources, flags and torch version
+(~/.cache/infopt/kernels/, or $INFOPT_EXT_DIR/kernels), and a process whose hash has a kept library loads it directly:
+no setuptools import and no ninja run (0.1 s warm, seconds more when this host has evicted those files).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import shutil
@@ -80,12 +86,33 @@ def _build_directory() -> str | None:
     return str(path)
 
 
+def _kept_library(cflags: list[str]) -> Path:
+    """Where the build of these sources and flags is kept (content-addressed, so never another build's)."""
+    digest = hashlib.sha256(json.dumps([cflags, LDFLAGS, torch.__version__, platform.python_version()]).encode())
+    for path in SOURCES:
+        digest.update(path.read_bytes())
+    root = Path(os.environ.get("INFOPT_EXT_DIR") or Path.home() / ".cache" / "infopt") / "kernels"
+    return root / f"{NAME}-{digest.hexdigest()[:24]}.so"
+
+
 def _build() -> None:
+    cflags = CFLAGS + (VNNI_CFLAGS if VNNI_CPU_FLAG in cpu_flags() else [])
+    kept = _kept_library(cflags)
+    if kept.is_file():
+        torch.ops.load_library(str(kept))
+        return
     from torch.utils import cpp_extension  # noqa: PLC0415 (imports setuptools; only when building)
 
-    cflags = CFLAGS + (VNNI_CFLAGS if VNNI_CPU_FLAG in cpu_flags() else [])
-    cpp_extension.load(name=NAME, sources=[str(path) for path in SOURCES], extra_cflags=cflags, extra_ldflags=LDFLAGS,
-                       build_directory=_build_directory(), is_python_module=False, verbose=False)
+    built = cpp_extension.load(name=NAME, sources=[str(path) for path in SOURCES], extra_cflags=cflags,
+                               extra_ldflags=LDFLAGS, build_directory=_build_directory(), is_python_module=False,
+                               verbose=False)
+    try:  # keep it for the next processes: a private copy moved into place whole
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        partial = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
+        shutil.copyfile(built, partial)
+        os.replace(partial, kept)
+    except (OSError, TypeError):  # a read-only cache: the next process builds (or ninja-checks) again
+        pass
 
 
 def ops() -> object | None:

@@ -22,6 +22,12 @@ app.add_typer(convert_app, name="convert")
 
 # Options shared by every command that loads a model.
 ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights, which can run code when loaded.")
+def _split_bytes(size: Optional[str]) -> Optional[int]:
+    from infopt.formats.safetensors_io import parse_size
+
+    return None if size is None else parse_size(size)
+
+
 SPLIT_MAX_SIZE = typer.Option(None, "--split-max-size", help="With a GGUF output: llama.cpp's split files "
                               "(FILE-00001-of-0000N.gguf; llama.cpp and infopt load the first) of at most this much "
                               "tensor data each, as gguf-split --split-max-size (e.g. 2G, 500M, 4GB).")
@@ -93,11 +99,10 @@ def convert_gguf(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Convert between GGUF and the folder formats, without re-quantizing where the layout allows it."""
-    from infopt.formats.safetensors_io import parse_size
     from infopt.workflows import convert_gguf as run
 
     result = run(src, out, gguf_type=gguf_type, force=force, dry_run=dry_run, allow_pickle=allow_pickle,
-                 split_max_bytes=None if split_max_size is None else parse_size(split_max_size))
+                 split_max_bytes=_split_bytes(split_max_size))
     if json_out:
         print_json(result)
         return
@@ -251,7 +256,7 @@ def _quantize(
                               recovery=recovery, ignore=list(ignore),
                               overrides=list(override), include_lm_head=include_lm_head, force=force, dry_run=dry_run,
                               max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle,
-                              split_max_bytes=None if split_max_size is None else parse_size(split_max_size),
+                              split_max_bytes=_split_bytes(split_max_size),
                               calibration=calibration, evaluation=evaluation, resume=resume,
                               allow_non_finite=allow_non_finite, threads=threads)
     if not dry_run and out is None:

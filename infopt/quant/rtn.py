@@ -72,17 +72,16 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, storage: Storage = Stora
     return QuantizedWeight(codes, scale, zero, spec)
 
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _in_kernel(weight: torch.Tensor, spec: QuantSpec, storage: Storage) -> QuantizedWeight | None:
     """quantize_rtn in one C++ pass (runtime/kernels/grid_search.cpp round_to_nearest: these steps, the same bytes)
     for float32 / bfloat16 / float16 CPU weights in groups of multiples of 16 with scales of one of those types,
     outside autograd (the op has no gradient); None elsewhere, and where a value is not finite
     (--allow-non-finite), which the torch form handles as torch does."""
+    from infopt.runtime.kernels.ops import KERNEL_INPUT_DTYPES  # noqa: PLC0415 (runtime.kernels imports quant)
+
     scale_dtype = storage.scale_dtype or weight.dtype
-    if (weight.device.type != "cpu" or weight.dtype not in _KERNEL_DTYPES or weight.requires_grad
-            or scale_dtype not in _KERNEL_DTYPES
+    if (weight.device.type != "cpu" or weight.dtype not in KERNEL_INPUT_DTYPES or weight.requires_grad
+            or scale_dtype not in KERNEL_INPUT_DTYPES
             or storage.min_zero_offset or spec.bits > 8 or spec.group_size <= 0 or spec.group_size % 16
             or weight.shape[1] % spec.group_size):
         return None

@@ -47,9 +47,10 @@ def relative_error(weight, reference: torch.Tensor) -> float:
     """||dequantized - reference||^2 / ||reference||^2 of any quantized weight (a command's reported error): one C++
     pass for grouped integer grids of float32 / bfloat16 / float16 weights and scales (runtime/kernels/grid_search.cpp
     grid_error: the weights formed as dequantize() forms them, sums in float64), else through dequantize()."""
-    kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    from infopt.runtime.kernels.ops import KERNEL_INPUT_DTYPES as FLOATS  # noqa: PLC0415 (it imports this module)
+
     if (isinstance(weight, QuantizedWeight) and weight.g_idx is None and reference.device.type == "cpu"
-            and reference.dtype in kernel_dtypes and weight.scale.dtype in kernel_dtypes and weight.shape[1] > 0):
+            and reference.dtype in FLOATS and weight.scale.dtype in FLOATS and weight.shape[1] > 0):
         group = weight.shape[1] // weight.scale.shape[1]
         if group % 16 == 0:
             from infopt.runtime.kernels import build  # noqa: PLC0415 (builds the extension on first use)

@@ -375,6 +375,18 @@ at::Tensor round_q4_0(const at::Tensor& x, const at::Tensor& d) {
 
 // --- round to nearest on a min/max grid (infopt.quant.rtn.quantize_rtn, step for step) ---------------------------
 
+bool is_kernel_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+// f(data) with the tensor's data typed as float, c10::BFloat16 or c10::Half (is_kernel_float checked before).
+template <typename F>
+void with_float_data(const at::Tensor& t, F f) {
+  switch (t.scalar_type()) {
+    case at::kBFloat16: f(t.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: f(t.data_ptr<c10::Half>()); break;
+    default: f(t.data_ptr<float>());
+  }
+}
+
 // 16 values of a weight row as fp32 (bf16 and fp16 widen exactly).
 inline __m512 load_f32(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load_f32(const c10::BFloat16* p) {
@@ -452,12 +464,9 @@ void round_groups(const T* xp, int8_t* cp, S* sp, int8_t* zp, int64_t count, int
 std::tuple<at::Tensor, at::Tensor, at::Tensor> round_to_nearest(const at::Tensor& x, int64_t group, int64_t qmin,
                                                                 int64_t qmax, bool symmetric,
                                                                 at::ScalarType scale_dtype) {
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2 &&
-                  (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf),
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2 && is_kernel_float(x.scalar_type()),
               "round_to_nearest: a contiguous float32, bfloat16 or float16 CPU matrix only");
-  TORCH_CHECK(scale_dtype == at::kFloat || scale_dtype == at::kBFloat16 || scale_dtype == at::kHalf,
-              "round_to_nearest: scales are float32, bfloat16 or float16");
+  TORCH_CHECK(is_kernel_float(scale_dtype), "round_to_nearest: scales are float32, bfloat16 or float16");
   TORCH_CHECK(group >= kWidth && group % kWidth == 0 && x.size(1) % group == 0,
               "round_to_nearest: groups must be multiples of 16 that divide the rows");
   TORCH_CHECK(qmin < 0 && qmax > 0 && qmin >= -128 && qmax <= 127, "round_to_nearest: bad qmin/qmax");
@@ -466,24 +475,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> round_to_nearest(const at::Tensor
   at::Tensor scale = at::empty({rows, groups}, x.options().dtype(scale_dtype));
   at::Tensor zero = at::empty({symmetric ? 0 : rows, symmetric ? 0 : groups}, x.options().dtype(at::kChar));
   int8_t* zp = symmetric ? nullptr : zero.data_ptr<int8_t>();
+  int8_t* cp = codes.data_ptr<int8_t>();
   std::atomic<bool> finite{true};
-  auto with_scale = [&](const auto* xp) {
-    int8_t* cp = codes.data_ptr<int8_t>();
-    if (scale_dtype == at::kFloat) {
-      round_groups(xp, cp, scale.data_ptr<float>(), zp, rows * groups, group, qmin, qmax, symmetric, finite);
-    } else if (scale_dtype == at::kBFloat16) {
-      round_groups(xp, cp, scale.data_ptr<c10::BFloat16>(), zp, rows * groups, group, qmin, qmax, symmetric, finite);
-    } else {
-      round_groups(xp, cp, scale.data_ptr<c10::Half>(), zp, rows * groups, group, qmin, qmax, symmetric, finite);
-    }
-  };
-  if (dtype == at::kFloat) {
-    with_scale(x.data_ptr<float>());
-  } else if (dtype == at::kBFloat16) {
-    with_scale(x.data_ptr<c10::BFloat16>());
-  } else {
-    with_scale(x.data_ptr<c10::Half>());
-  }
+  with_float_data(x, [&](const auto* xp) {
+    with_float_data(scale, [&](auto* sp) {
+      round_groups(xp, cp, sp, zp, rows * groups, group, qmin, qmax, symmetric, finite);
+    });
+  });
   TORCH_CHECK(finite.load(), "round_to_nearest: a group holds a value that is not finite");
   return {codes, scale, zero};
 }
@@ -528,16 +526,14 @@ void grid_error_sums(const T* xp, const int8_t* cp, const S* sp, const int8_t* z
 // weight error a command reports. x and the scales: float32, bfloat16 or float16.
 at::Tensor grid_error(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
                       int64_t group) {
-  const auto dtype = x.scalar_type(), scale_dtype = scale.scalar_type();
-  auto sixteen_or_32 = [](at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; };
-  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2 && sixteen_or_32(dtype),
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2 && is_kernel_float(x.scalar_type()),
               "grid_error: a contiguous float32, bfloat16 or float16 CPU matrix only");
   TORCH_CHECK(codes.scalar_type() == at::kChar && codes.sizes() == x.sizes() && codes.is_contiguous(),
               "grid_error: int8 codes of the weight's shape");
   TORCH_CHECK(group >= kWidth && group % kWidth == 0 && x.size(1) % group == 0,
               "grid_error: groups must be multiples of 16 that divide the rows");
   const int64_t rows = x.size(0), groups = x.size(1) / group;
-  TORCH_CHECK(sixteen_or_32(scale_dtype) && scale.is_contiguous() && scale.numel() == rows * groups,
+  TORCH_CHECK(is_kernel_float(scale.scalar_type()) && scale.is_contiguous() && scale.numel() == rows * groups,
               "grid_error: one float32, bfloat16 or float16 scale per group");
   const bool shifted = zero.numel() > 0;
   TORCH_CHECK(!shifted || (zero.scalar_type() == at::kChar && zero.is_contiguous() && zero.numel() == rows * groups),
@@ -545,22 +541,9 @@ at::Tensor grid_error(const at::Tensor& x, const at::Tensor& codes, const at::Te
   const int8_t* cp = codes.data_ptr<int8_t>();
   const int8_t* zp = shifted ? zero.data_ptr<int8_t>() : nullptr;
   std::vector<double> partial(2 * at::get_num_threads(), 0.0);
-  auto with_scale = [&](const auto* xp) {
-    if (scale_dtype == at::kFloat) {
-      grid_error_sums(xp, cp, scale.data_ptr<float>(), zp, rows * groups, group, partial);
-    } else if (scale_dtype == at::kBFloat16) {
-      grid_error_sums(xp, cp, scale.data_ptr<c10::BFloat16>(), zp, rows * groups, group, partial);
-    } else {
-      grid_error_sums(xp, cp, scale.data_ptr<c10::Half>(), zp, rows * groups, group, partial);
-    }
-  };
-  if (dtype == at::kFloat) {
-    with_scale(x.data_ptr<float>());
-  } else if (dtype == at::kBFloat16) {
-    with_scale(x.data_ptr<c10::BFloat16>());
-  } else {
-    with_scale(x.data_ptr<c10::Half>());
-  }
+  with_float_data(x, [&](const auto* xp) {
+    with_float_data(scale, [&](const auto* sp) { grid_error_sums(xp, cp, sp, zp, rows * groups, group, partial); });
+  });
   at::Tensor out = at::empty({2}, x.options().dtype(at::kDouble));
   double* op = out.data_ptr<double>();
   op[0] = op[1] = 0.0;

@@ -13,7 +13,7 @@ LLAMA_CPP_VERSION := 0.3.36
 WHEELS ?= $(HOME)/.cache/infopt/wheels
 LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)
 
-.PHONY: install demo test bench fuzz clean vllm-env
+.PHONY: install demo test bench fuzz clean vllm-env llama-tools
 
 install: $(STAMP) $(LLAMA_CPP_STAMP)
 
@@ -41,13 +41,18 @@ vllm-env: $(STAMP)
 	$(BIN)/python benchmarks/peer_env.py vllm >/dev/null || \
 	  echo "WARNING: the vLLM venv did not build here; the vLLM tests will skip" >&2
 
+# llama.cpp's CLI tools (llama-imatrix, llama-quantize, llama-perplexity, llama-bench) for the benchmarks: built with
+# cmake from the same sdist's vendored tree once per machine (~15 min on 2 cores) into ~/.cache/infopt/llama-tools-*
+llama-tools: $(STAMP)
+	$(BIN)/python benchmarks/llama_tools.py
+
 demo: $(STAMP)
 	$(BIN)/infopt demo
 
 test: install vllm-env
 	$(BIN)/python -m pytest -q
 
-bench: install
+bench: install llama-tools
 	$(BIN)/python benchmarks/run.py
 
 fuzz: install  # thousands of malformed inputs and the fault tests; writes BENCHMARKS.md's reliability section

@@ -31,6 +31,7 @@ TITLES = {"foundation": "RTN and packing (foundation)", "gptq": "GPTQ, AWQ, NF4/
           "memory": "Peak memory of the calibrated methods",
           "reliability": "Reliability: malformed inputs and faults",
           "gguf": "GGUF next to llama.cpp's own quantizer",
+          "imatrix": "GGUF with an importance matrix on both sides: llama-imatrix + llama-quantize next to infopt",
           "recovery": "Block-wise recovery (--recover) next to GPTQ, AWQ and auto-round",
           "qat": "End-to-end QAT (infopt qat) on top of block-wise recovery",
           "engines": "Engines side by side: infopt, llama.cpp, vLLM CPU and transformers on a 706M Llama",
@@ -81,6 +82,11 @@ def run_section(name: str, work: Path, repeats: int) -> list[str]:
         from train_bench_model import ensure_bench_model
 
         return bench_gguf.section(_stories(work), ensure_bench_model(THREADS), work, THREADS)
+    if name == "imatrix":
+        import bench_gguf
+        from train_bench_model import ensure_bench_model
+
+        return bench_gguf.imatrix_section(_stories(work), ensure_bench_model(THREADS), work / "imatrix", THREADS)
     if name == "recovery":
         import bench_recovery
         from train_bench_model import ensure_bench_model

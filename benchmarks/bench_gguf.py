@@ -215,7 +215,7 @@ def section(stories: Path, bench_model: Path, work: Path, threads: int = 2) -> l
     return [
         f"{threads} threads everywhere. llama.cpp {LLAMA_CPP_VERSION} (llama-cpp-python's vendored tree): its",
         "converter writes F32, its quantizer (`llama_model_quantize`, what `llama-quantize` runs) each type, without",
-        "an importance matrix (`llama-imatrix` is a CLI tool this build does not include). infopt writes each type",
+        "an importance matrix (the imatrix section has both sides with one). infopt writes each type",
         "from the source folder in one command. The bench model's linears are all 256-multiples, so its K-quant rows",
         "are real K-quants; stories260K (64-wide) takes only the 32-blocks, its 172-column ffn_down falls back to F16",
         "on both sides. Perplexity: the same windows scored by llama.cpp's own logits and by `infopt eval`'s reader;",
